@@ -1,0 +1,34 @@
+# ddpm: two commands on a fresh machine.
+#   make demo   create .venv, install, train the default config on digits, sample a grid
+#   make test   same install, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install demo test clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: anything that lets pip choose torch may pull a multi-GB CUDA build
+	$(PY) -m pip install -q $(TORCH)
+	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package (no work the second time)
+
+demo: $(STAMP)  ## train the default config (digits, CPU) and sample a grid
+	$(PY) train.py name=demo
+	$(PY) sample.py ckpt=outputs/runs/demo n=64 sampler=ddim steps=50 out_dir=outputs/runs/demo/demo_samples
+
+test: $(STAMP)  ## run the test suite
+	$(PY) -m pytest -q
+
+clean:  ## remove the virtual environment
+	rm -rf $(VENV)
