@@ -1,0 +1,330 @@
+"""The eps-network: the DDPM UNet of Ho et al. 2020, appendix B, in pure PyTorch.
+
+A PixelCNN++-style backbone of Wide-ResNet blocks with GroupNorm, a sinusoidal time embedding added
+inside every residual block, self-attention at chosen resolutions and one in the middle, stride-2
+downsampling, nearest-neighbour upsampling and concatenated skip connections. The block layout and
+the parameter count follow the paper's TensorFlow code and improved-diffusion's `UNetModel`
+(Nichol & Dhariwal 2021); the default configuration is the paper's CIFAR-10 model (35.7M parameters).
+
+    net = UNet()              # Ho et al. 2020, CIFAR-10
+    eps = net(x_t, t)         # (B, 3, 32, 32), (B,) -> (B, 3, 32, 32)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in Vaswani et al. 2017 / Ho et al. 2020.
+
+    Frequencies run geometrically from 1 to 1/max_period; the result is [cos, sin] (improved-diffusion's
+    ordering), zero-padded to `dim` when `dim` is odd. Computed in float32 whatever the autocast state.
+
+    t: (B,) int or float timesteps. Returns (B, dim) float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)  # (half,)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (B, 2*half)
+    return F.pad(emb, (0, dim % 2))  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block with the time embedding added after the first conv (Ho et al. 2020, appendix B).
+
+    GroupNorm -> SiLU -> Conv3x3 -> + Linear(SiLU(temb)) -> GroupNorm -> SiLU -> Dropout -> Conv3x3,
+    plus the input (through a 1x1 conv when the width changes). The last conv starts at zero, so the
+    block starts as the identity, as in the paper's code.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, norm_groups: int, use_checkpoint: bool = False
+    ):
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.norm1 = nn.GroupNorm(norm_groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(norm_groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            # recompute activations in backward; RNG state is restored, so dropout masks match
+            return checkpoint(self._forward, x, temb, use_reentrant=False)
+        return self._forward(x, temb)
+
+    def _forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # (B, out_ch, 1, 1) broadcast over H, W
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, out_ch, H, W)
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions with a residual connection (Ho et al. 2020, appendix B).
+
+    GroupNorm -> 1x1 conv to q, k, v -> scaled dot-product attention (`num_heads` heads) -> 1x1 conv
+    (zero-initialised) -> + input.
+    """
+
+    def __init__(self, ch: int, norm_groups: int, num_heads: int = 1):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(norm_groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        nh = self.num_heads
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, nh, C // nh, H * W)  # (B, 3, nh, hs, HW)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x (B, nh, HW, hs)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, nh, HW, hs)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)  # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class EmbedSequential(nn.Sequential):
+    """A sequence of layers in which the residual blocks also receive the time embedding."""
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, temb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """The DDPM eps-network (Ho et al. 2020, appendix B): eps_theta(x_t, t[, y]).
+
+    The defaults are the paper's CIFAR-10 model: 32x32x3, base width 128, channel multipliers
+    (1, 2, 2, 2), two residual blocks per resolution, self-attention at 16x16, dropout 0.1 (35.7M
+    parameters). Its LSUN / CelebA-HQ models use 256 px, (1, 1, 2, 2, 4, 4) and dropout 0.
+
+    Args:
+        image_size: height = width of the input, in pixels.
+        in_channels: channels of x_t.
+        out_channels: channels of the prediction; None means `in_channels`.
+        base_channels: width of the first level; the time embedding has 4 * base_channels.
+        channel_mult: width of each level as a multiple of base_channels; the net downsamples
+            len(channel_mult) - 1 times.
+        num_res_blocks: residual blocks per level on the way down (the way up has one more).
+        attention_resolutions: feature-map sizes, in pixels, that get self-attention after each
+            residual block (16 means the 16x16 maps). The middle block always has one.
+        dropout: dropout probability inside the residual blocks.
+        norm_groups: GroupNorm groups; every width must be divisible by it.
+        num_classes: None for an unconditional model; otherwise labels 0..num_classes-1 plus a null
+            label `num_classes` (classifier-free guidance) are embedded and added to the time embedding.
+        num_heads: attention heads (the paper uses 1).
+        use_checkpoint: recompute residual-block activations in backward (less memory, more compute).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        norm_groups: int = 32,
+        num_classes: int | None = None,
+        num_heads: int = 1,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        channel_mult = tuple(int(m) for m in channel_mult)
+        attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        out_channels = in_channels if out_channels is None else out_channels
+        _check_geometry(
+            image_size, in_channels, out_channels, base_channels, channel_mult, num_res_blocks,
+            attention_resolutions, dropout, norm_groups, num_classes, num_heads,
+        )  # fmt: skip
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_classes = num_classes
+
+        temb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
+        )  # (B, base) -> (B, 4*base)
+        self.class_embed = nn.Embedding(num_classes + 1, temb_dim) if num_classes is not None else None
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, temb_dim, dropout, norm_groups, use_checkpoint)
+
+        def attn(ch: int) -> AttnBlock:
+            return AttnBlock(ch, norm_groups, num_heads)
+
+        # way down: one skip per residual block, plus the stem and every downsample output
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_chs = [base_channels]
+        ch, res_px = base_channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                block = EmbedSequential(res(ch, base_channels * mult))
+                ch = base_channels * mult
+                if res_px in attention_resolutions:
+                    block.append(attn(ch))
+                self.down.append(block)
+                skip_chs.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(EmbedSequential(Downsample(ch)))
+                skip_chs.append(ch)
+                res_px //= 2
+
+        self.mid = EmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+
+        # way up: num_res_blocks + 1 blocks per level, each consuming one skip
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                block = EmbedSequential(res(ch + skip_chs.pop(), base_channels * mult))
+                ch = base_channels * mult
+                if res_px in attention_resolutions:
+                    block.append(attn(ch))
+                if level != 0 and i == num_res_blocks:
+                    block.append(Upsample(ch))
+                    res_px *= 2
+                self.up.append(block)
+
+        self.norm_out = nn.GroupNorm(norm_groups, ch)
+        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The paper code's init: Xavier-uniform weights, zero biases, and zero for the last conv of
+        every residual block, the attention output and the final conv (the net starts at eps = 0)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight)
+            elif isinstance(m, AttnBlock):
+                nn.init.zeros_(m.proj_out.weight)
+        nn.init.zeros_(self.conv_out.weight)
+
+    def num_params(self) -> int:
+        """Number of parameters (all are trainable)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict eps from x_t.
+
+        x: (B, in_channels, H, W) noisy images, H = W = image_size.
+        t: (B,) or scalar timesteps, int or float.
+        y: (B,) int64 class labels in [0, num_classes]; `num_classes` is the null label, and None means
+           all null. Only for a model built with num_classes.
+        Returns (B, out_channels, H, W).
+        """
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        temb = self.time_embed(timestep_embedding(t, self.base_channels))  # (B, 4*base)
+        if self.class_embed is None:
+            if y is not None:
+                raise ValueError("UNet: got class labels y, but the model was built with num_classes=None")
+        else:
+            if y is None:
+                y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)  # all null
+            temb = temb + self.class_embed(y)  # (B, 4*base)
+
+        h = self.conv_in(x)  # (B, base, H, W)
+        hs = [h]
+        for block in self.down:
+            h = block(h, temb)
+            hs.append(h)
+        h = self.mid(h, temb)  # (B, base*mult[-1], H / 2**(levels-1), ...)
+        for block in self.up:
+            h = block(torch.cat([h, hs.pop()], dim=1), temb)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, H, W)
+
+
+def _check_geometry(
+    image_size: int,
+    in_channels: int,
+    out_channels: int,
+    base_channels: int,
+    channel_mult: tuple[int, ...],
+    num_res_blocks: int,
+    attention_resolutions: tuple[int, ...],
+    dropout: float,
+    norm_groups: int,
+    num_classes: int | None,
+    num_heads: int,
+) -> None:
+    """Raise ValueError, naming the value, for a UNet configuration that cannot be built or run."""
+    positive = dict(
+        image_size=image_size, in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
+        num_res_blocks=num_res_blocks, norm_groups=norm_groups, num_heads=num_heads,
+    )  # fmt: skip
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"UNet: {name}={value} must be a positive integer")
+    if not channel_mult or min(channel_mult) < 1:
+        raise ValueError(f"UNet: channel_mult={channel_mult} must be a non-empty sequence of positive integers")
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"UNet: image_size={image_size} is not divisible by 2**{len(channel_mult) - 1}={factor} "
+            f"(the downsampling factor of channel_mult={channel_mult})"
+        )
+    if base_channels % norm_groups:  # every width is base_channels * an integer, so this covers them all
+        raise ValueError(
+            f"UNet: base_channels={base_channels} is not divisible by norm_groups={norm_groups} "
+            f"(GroupNorm needs every width base_channels * mult to be)"
+        )
+    resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+    for r in attention_resolutions:
+        if r not in resolutions:
+            raise ValueError(
+                f"UNet: attention resolution {r} is not one the net visits; "
+                f"with image_size={image_size} and channel_mult={channel_mult} they are {resolutions}"
+            )
+    attended = {base_channels * m for m, r in zip(channel_mult, resolutions) if r in attention_resolutions}
+    for width in sorted(attended | {base_channels * channel_mult[-1]}):
+        if width % num_heads:
+            raise ValueError(f"UNet: attention width {width} is not divisible by num_heads={num_heads}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"UNet: dropout={dropout} must lie in [0, 1)")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"UNet: num_classes={num_classes} must be None or a positive integer")
