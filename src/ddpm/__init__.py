@@ -4,14 +4,6 @@ Public API (stable): GaussianDiffusion, UNet, make_betas.
 """
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.schedules import make_betas
+from ddpm.unet import UNet
 
 __all__ = ["GaussianDiffusion", "UNet", "make_betas"]
-
-
-def __getattr__(name: str):
-    # UNet imports lazily so the diffusion math stays importable on its own
-    if name == "UNet":
-        from ddpm.unet import UNet
-
-        return UNet
-    raise AttributeError(f"module 'ddpm' has no attribute {name!r}")

@@ -47,9 +47,9 @@ class PMeanVariance(NamedTuple):
 class BitsPerDim(NamedTuple):
     """The variational bound L = L_T + sum_{t>1} L_{t-1} + L_0 (Ho et al. 2020, eq. 5), in bits per dimension.
 
-    All per sample, shape (B,): `total` = `prior` + `kl.sum(1) * kl_scale` + `decoder`. `kl` holds
-    L_{t-1} for the evaluated `timesteps` (0-based t >= 1), shape (B, K); `kl_scale` is (T - 1) / K,
-    1 when every timestep was evaluated.
+    Per sample, shape (B,): `total` = `prior` + (`kl` * `kl_weights`).sum(1) + `decoder`. `kl` (B, K) holds
+    L_{t-1} at the evaluated `timesteps` (0-based, t >= 1); `kl_weights` (K,) is how many timesteps each
+    evaluated term stands for (all ones when every timestep was evaluated).
     """
 
     total: Tensor
@@ -57,7 +57,7 @@ class BitsPerDim(NamedTuple):
     decoder: Tensor
     kl: Tensor
     timesteps: Tensor
-    kl_scale: float
+    kl_weights: Tensor
 
 
 def extract(a: Tensor, t: Tensor, shape: torch.Size) -> Tensor:
@@ -232,8 +232,7 @@ class GaussianDiffusion(nn.Module):
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), shape (B,)."""
-        a = self.alphas_cumprod[t].float()
-        return a / (1.0 - a)
+        return self.sqrt_recipm1_alphas_cumprod[t].float() ** -2  # precomputed in float64: accurate near t = 0
 
     def loss_weight(self, t: Tensor) -> Tensor:
         """Min-SNR-gamma weight (Hang et al. 2023) of the per-sample MSE for this objective; ones if off."""
@@ -381,16 +380,21 @@ class GaussianDiffusion(nn.Module):
 
         x0: (B, ...) in [-1, 1]; snapped to the 256-level grid the bound assumes. Every term uses its
         own draw x_t ~ q(x_t | x_0) (as improved-diffusion's calc_bpd_loop). `num_timesteps` = K < T
-        estimates sum_{t>=1} L_t from K evenly spaced KL terms scaled by (T - 1) / K (quick, unbiased
-        only in the limit of a smooth L_t); None evaluates all T terms, the value to report.
+        gives a quick unbiased estimate: the decoder, the prior and at most K - 1 KL terms, one drawn
+        uniformly in each stratum of t (strata grow quadratically with t, where L_t varies least) and
+        weighted by the stratum's size. None evaluates all T terms: the value to report.
         """
         x0 = ((x0.float().clamp(-1, 1) + 1.0) * 127.5).round() / 127.5 - 1.0
         B, T = x0.shape[0], self.num_timesteps
         if num_timesteps is None or num_timesteps >= T:
-            kl_steps = torch.arange(1, T)
-        else:
-            kl_steps = torch.unique(torch.linspace(1, T - 1, max(num_timesteps - 1, 1)).round().long())
-        kl_scale = (T - 1) / max(len(kl_steps), 1)
+            kl_steps, kl_weights = torch.arange(1, T), torch.ones(T - 1)
+        else:  # stratified: one uniformly drawn t per stratum of 1..T-1, weighted by the stratum's size;
+            # strata grow quadratically with t, since L_t changes fastest at small t
+            grid = torch.linspace(0, 1, max(num_timesteps - 1, 1) + 1, dtype=torch.float64)
+            edges = (1 + (T - 1) * grid**2).round().long().unique()
+            kl_weights = (edges[1:] - edges[:-1]).float()
+            offsets = torch.rand(len(kl_weights), generator=generator, device=generator.device if generator else "cpu")
+            kl_steps = edges[:-1] + (offsets.cpu() * kl_weights).long()
 
         def term(step: int) -> Tensor:
             t = torch.full((B,), step, device=x0.device, dtype=torch.long)
@@ -399,6 +403,7 @@ class GaussianDiffusion(nn.Module):
 
         decoder = term(0)
         kl = torch.stack([term(int(s)) for s in kl_steps], dim=1) if len(kl_steps) else x0.new_zeros(B, 0)
+        kl_weights = kl_weights.to(x0.device)
         prior = self.prior_bpd(x0)
-        total = prior + kl.sum(dim=1) * kl_scale + decoder
-        return BitsPerDim(total, prior, decoder, kl, kl_steps, kl_scale)
+        total = prior + (kl * kl_weights).sum(dim=1) + decoder
+        return BitsPerDim(total, prior, decoder, kl, kl_steps, kl_weights)
