@@ -51,11 +51,12 @@ def reverse_chain_moments(schedule: str, steps: int, sampler: str, eta: float, m
     return m, V
 
 
-def gaussian_samples(schedule: str, sampler: str, steps: int, eta: float, seed: int = 0) -> torch.Tensor:
+def gaussian_samples(schedule: str, sampler: str, steps: int, eta: float, seed: int = 0, spacing: str | None = None) -> torch.Tensor:
     diffusion = GaussianDiffusion(make_betas(schedule, 1000))
     oracle = GaussianOracle(diffusion, torch.full((2,), MU), torch.eye(2) * SD**2)
     g = torch.Generator().manual_seed(seed)
-    return diffusion.sample(oracle, (N, 2), sampler=sampler, steps=steps, eta=eta, generator=g, clip_denoised=False).double()
+    x = diffusion.sample(oracle, (N, 2), sampler=sampler, steps=steps, eta=eta, generator=g, clip_denoised=False, spacing=spacing)
+    return x.double()
 
 
 CASES = [  # (sampler, steps, eta): DDPM over all T and respaced to 100; DDIM 50 with eta 0 and 1
@@ -161,3 +162,57 @@ def test_bad_sampling_arguments_are_rejected():
         diffusion.sample(model, (1, 2), sampler="ddim", eta=1.5)
     with pytest.raises(ValueError, match="unknown sampler 'euler'; known samplers: ddim, ddpm"):
         diffusion.sample(model, (1, 2), sampler="euler")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "heun"])
+def test_second_order_solvers_converge_to_the_data(schedule, sampler):
+    """DPM-Solver++(2M) and Heun are consistent ODE solvers: with the oracle, their spread reaches the
+    data's within 2% at 200 uniformly spaced steps and the error shrinks from 50 to 200 steps."""
+    def sd_error(steps):
+        x = gaussian_samples(schedule, sampler, steps, 0.0, spacing="uniform")
+        assert torch.all((x.mean(0) - MU).abs() < 0.01)
+        return (x.std(0) / SD - 1).abs().max().item()
+
+    coarse, fine = sd_error(50), sd_error(200)
+    assert fine < 0.02 and fine < coarse
+
+
+@pytest.mark.parametrize(
+    "schedule,sampler,steps,max_sd_error",
+    [  # few-step budgets with Karras et al.'s sigma spacing (measured errors: about 6%, 6%, 6%)
+        ("linear", "dpmsolver++", 20, 0.09),
+        ("cosine", "dpmsolver++", 20, 0.09),
+        ("linear", "heun", 20, 0.09),
+    ],
+)
+def test_second_order_solvers_at_few_steps_with_karras_spacing(schedule, sampler, steps, max_sd_error):
+    diffusion = GaussianDiffusion(make_betas(schedule, 1000))
+    oracle = GaussianOracle(diffusion, torch.full((2,), MU), torch.eye(2) * SD**2)
+    x = diffusion.sample(oracle, (N, 2), sampler=sampler, steps=steps, spacing="karras", generator=torch.Generator().manual_seed(0), clip_denoised=False)
+    assert torch.all((x.mean(0) - MU).abs() < 0.01)
+    assert torch.all((x.std(0) / SD - 1).abs() < max_sd_error)
+
+
+def test_dpm_solver_reproduces_the_mixture_at_20_steps():
+    diffusion = GaussianDiffusion(make_betas("linear", 1000))
+    oracle = MixtureOracle(diffusion, MIX_WEIGHTS, MIX_MEANS, MIX_VARS)
+    x = diffusion.sample(oracle, (N, 2), sampler="dpmsolver++", steps=20, spacing="karras", generator=torch.Generator().manual_seed(4), clip_denoised=False)
+    data, _ = sample_mixture(MIX_WEIGHTS, MIX_MEANS, MIX_VARS, 400_000, torch.Generator().manual_seed(5))
+    component = ((x.unsqueeze(1) - MIX_MEANS) ** 2).sum(-1).argmin(1)
+    assert abs((component == 1).float().mean().item() - 0.7) < 3.5 * math.sqrt(0.21 / N)
+    assert torch.allclose(x.mean(0), data.mean(0), atol=0.01)
+    # measured 0.014 off on the variance: the 2nd-order steps push the components slightly apart
+    assert torch.allclose(torch.cov(x.T), torch.cov(data.T), atol=0.02)
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "trailing", "karras"])
+def test_spacings_give_sorted_timesteps_that_end_at_the_noisiest_step(spacing):
+    alphas_cumprod = torch.cumprod(1 - make_betas("linear", 1000), 0)
+    for steps in (1, 5, 20, 1000):
+        kept = spaced_timesteps(1000, steps, spacing, alphas_cumprod)
+        assert kept[-1] == 999 and bool((kept.diff() > 0).all()) and 1 <= len(kept) <= steps
+        assert len(kept) == steps or spacing == "karras"
+    assert spaced_timesteps(1000, 5, "trailing").tolist() == [199, 399, 599, 799, 999]
+    with pytest.raises(ValueError, match="spacing must be one of uniform, trailing, karras"):
+        spaced_timesteps(1000, 5, "log")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ddpm import samplers
 
 Objective = Literal["eps", "x0", "v"]
-Variance = Literal["fixed_small", "fixed_large"]
+Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 Model = Callable[..., Tensor]
 
 
@@ -87,23 +87,48 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     lower = (x - mean - 1.0 / 255.0) * inv_std
     log_cdf_upper = torch.special.log_ndtr(upper)  # log P(X < x + 1/255)
     log_sf_lower = torch.special.log_ndtr(-lower)  # log P(X > x - 1/255)
-    # log(Phi(upper) - Phi(lower)) stably: the larger of the two tails minus the other
+    # log(Phi(upper) - Phi(lower)) stably: the larger of the two tails minus the other; the ratio is
+    # clamped below 1 so that neither branch of the `where` can feed NaN gradients back
+    ratio_max = 1.0 - 1e-15
     mid = torch.where(
         lower > 0,
-        log_sf_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_sf_lower)),
-        log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper)),
+        log_sf_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_sf_lower).clamp(max=ratio_max)),
+        log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper).clamp(max=ratio_max)),
     )
     log_prob = torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, mid))
     return log_prob.clamp(min=math.log(1e-12)).float()
 
 
-def spaced_timesteps(num_timesteps: int, steps: int) -> Tensor:
-    """`steps` timesteps evenly spaced over [0, T-1], both ends included (improved-diffusion's respacing)."""
+Spacing = Literal["uniform", "trailing", "karras"]
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "uniform", alphas_cumprod: Tensor | None = None) -> Tensor:
+    """`steps` timesteps (ascending, 0-based) out of T for a sampler that skips steps.
+
+    - uniform: evenly spaced over [0, T-1], both ends included (improved-diffusion's respacing).
+    - trailing: T-1, T-1-T/steps, ... (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+      Steps are Flawed", table 2): starts at the noisiest step, skips the least noisy ones.
+    - karras: sigma = sqrt((1 - alpha_bar) / alpha_bar) spaced as in Karras et al. 2022 eq. 5 (rho = 7),
+      each mapped to the nearest timestep; needs `alphas_cumprod`. Where the grid is coarser than the
+      targets (at low noise) duplicates are merged, so fewer than `steps` may come back.
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be an integer in [1, {num_timesteps}] (the schedule's T), got {steps!r}")
+    _check_choice("spacing", spacing, Spacing)
+    T = num_timesteps
     if steps == 1:
-        return torch.tensor([num_timesteps - 1])
-    return torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long()
+        return torch.tensor([T - 1])
+    if spacing == "uniform":
+        return torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+    if spacing == "trailing":
+        return (T - 1 - torch.arange(steps, dtype=torch.float64) * (T / steps)).round().long().flip(0)
+    if alphas_cumprod is None:
+        raise ValueError("karras spacing needs the schedule's alphas_cumprod")
+    log_sigmas = 0.5 * (torch.log1p(-alphas_cumprod.double()) - alphas_cumprod.double().log())  # (T,)
+    rho, ramp = 7.0, torch.linspace(0, 1, steps, dtype=torch.float64)
+    s_max, s_min = log_sigmas[-1].exp() ** (1 / rho), log_sigmas[0].exp() ** (1 / rho)
+    targets = (s_max + ramp * (s_min - s_max)) ** rho  # descending sigmas, Karras et al. 2022 eq. 5
+    return (log_sigmas[None] - targets.log()[:, None]).abs().argmin(dim=1).unique()
 
 
 def _check_choice(name: str, value: str, literal: Any) -> None:
@@ -117,8 +142,12 @@ class GaussianDiffusion(nn.Module):
     Args:
         betas: (T,) noise schedule (float64 preferred; see ddpm.schedules.make_betas).
         objective: what the network predicts: "eps" (Ho et al. 2020), "x0", or "v" (Salimans & Ho 2022).
-        variance: reverse-process variance: "fixed_small" (posterior beta-tilde_t) or "fixed_large" (beta_t).
+        variance: reverse-process variance: "fixed_small" (posterior beta-tilde_t), "fixed_large" (beta_t), or
+            "learned_range" (Nichol & Dhariwal 2021 eq. 15: the network outputs twice the channels, the second
+            half v in [-1, 1] interpolating log beta-tilde_t and log beta_t; trained with the hybrid loss).
         min_snr_gamma: if set, weight the per-sample MSE by the min-SNR-gamma rule (Hang et al. 2023).
+        vlb_weight: lambda of L_hybrid = L_simple + lambda L_vlb (0.001 in Nichol & Dhariwal 2021); used only
+            with learned_range.
         timestep_map: for respaced processes, the original timestep that each step here stands for;
             the network always sees original timesteps. Defaults to 0..T-1.
 
@@ -133,6 +162,7 @@ class GaussianDiffusion(nn.Module):
         variance: Variance = "fixed_small",
         min_snr_gamma: float | None = None,
         timestep_map: Tensor | None = None,
+        vlb_weight: float = 0.001,
     ) -> None:
         super().__init__()
         _check_choice("objective", objective, Objective)
@@ -145,6 +175,7 @@ class GaussianDiffusion(nn.Module):
         self.objective = objective
         self.variance = variance
         self.min_snr_gamma = min_snr_gamma
+        self.vlb_weight = vlb_weight
         self.num_timesteps = T = betas.numel()
 
         alphas = 1.0 - betas
@@ -175,6 +206,7 @@ class GaussianDiffusion(nn.Module):
         large = torch.cat([posterior_variance[1:2], betas[1:]]) if T > 1 else betas
         buffer("large_variance", large)
         buffer("large_log_variance", large.log())
+        buffer("log_betas", betas.log())
         if timestep_map is None:
             timestep_map = torch.arange(T)
         self.register_buffer("timestep_map", torch.as_tensor(timestep_map, dtype=torch.long))
@@ -244,6 +276,10 @@ class GaussianDiffusion(nn.Module):
 
     # ---- reverse process ------------------------------------------------------------------------
 
+    def model_channels(self, channels: int) -> int:
+        """How many output channels the network needs for `channels`-channel data: twice that with learned_range."""
+        return 2 * channels if self.variance == "learned_range" else channels
+
     def model_output(self, model: Model, xt: Tensor, t: Tensor, model_kwargs: dict | None = None) -> Tensor:
         """Call the network with original timesteps (respaced processes map their own steps back)."""
         return model(xt, self.timestep_map[t], **(model_kwargs or {}))
@@ -256,15 +292,21 @@ class GaussianDiffusion(nn.Module):
         `clip_denoised` clamps the predicted x_0 to [-1, 1] before it enters the mean.
         """
         xt = xt.float()
-        pred_x0 = self.predict_x0(xt, t, self.model_output(model, xt, t, model_kwargs))
+        output = self.model_output(model, xt, t, model_kwargs).float()
+        if self.variance == "learned_range":
+            output, v = output.chunk(2, dim=1)
+            frac = (v + 1.0) / 2.0  # Nichol & Dhariwal 2021 eq. 15: log variance between log beta-tilde_t and log beta_t
+            log_variance = frac * extract(self.log_betas, t, xt.shape) + (1 - frac) * extract(self.posterior_log_variance_clipped, t, xt.shape)
+            variance = log_variance.exp()
+        else:
+            fixed = self.variance == "fixed_small"
+            variance = extract(self.posterior_variance if fixed else self.large_variance, t, xt.shape)
+            log_variance = extract(self.posterior_log_variance_clipped if fixed else self.large_log_variance, t, xt.shape)
+        pred_x0 = self.predict_x0(xt, t, output)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         mean = self.q_posterior(pred_x0, xt, t).mean
-        if self.variance == "fixed_small":
-            variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
-        else:
-            variance, log_variance = self.large_variance, self.large_log_variance
-        return PMeanVariance(mean, extract(variance, t, xt.shape), extract(log_variance, t, xt.shape), pred_x0)
+        return PMeanVariance(mean, variance, log_variance, pred_x0)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -279,7 +321,9 @@ class GaussianDiffusion(nn.Module):
     ) -> Tensor:
         """L_simple (Ho et al. 2020, eq. 14): || target - model(x_t, t) ||^2 with t ~ U{0..T-1} per sample.
 
-        The target is eps, x_0 or v by `objective`; optionally min-SNR-gamma weighted. Computed in
+        The target is eps, x_0 or v by `objective`; optionally min-SNR-gamma weighted. With learned_range,
+        L_hybrid = L_simple + vlb_weight * T * L_t (Nichol & Dhariwal 2021 sec. 3.1; T * L_t estimates
+        L_vlb), with the mean's output detached in L_t so it only trains the variance. Computed in
         float32 even when the network ran under autocast. Returns the batch mean, or (B,) with
         reduction="none".
         """
@@ -290,7 +334,14 @@ class GaussianDiffusion(nn.Module):
         x0 = x0.float()
         xt = self.q_sample(x0, t, noise)
         output = self.model_output(model, xt, t, model_kwargs).float()
+        if self.variance == "learned_range":
+            mean_output, v = output.chunk(2, dim=1)
+            frozen = torch.cat([mean_output.detach(), v], dim=1)
+            vb = self.vb_terms_bpd(lambda *_, **__: frozen, x0, xt, t, clip_denoised=False)
+            output = mean_output
         losses = mean_flat((output - self.target(x0, t, noise.float())) ** 2) * self.loss_weight(t)
+        if self.variance == "learned_range":
+            losses = losses + self.vlb_weight * self.num_timesteps * vb
         return losses.mean() if reduction == "mean" else losses
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -305,7 +356,9 @@ class GaussianDiffusion(nn.Module):
         alphas_cumprod = torch.cumprod(1.0 - self.betas.double().cpu(), dim=0)[timesteps]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         betas = 1.0 - alphas_cumprod / previous
-        respaced = GaussianDiffusion(betas, self.objective, self.variance, self.min_snr_gamma, self.timestep_map.cpu()[timesteps])
+        respaced = GaussianDiffusion(
+            betas, self.objective, self.variance, self.min_snr_gamma, self.timestep_map.cpu()[timesteps], self.vlb_weight
+        )
         return respaced.to(self.betas.device)
 
     @torch.no_grad()
@@ -322,21 +375,26 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: bool = True,
         device: torch.device | str | None = None,
         noise: Tensor | None = None,
+        spacing: Spacing | None = None,
     ) -> Tensor:
         """Generate x_0 of `shape` from x_T ~ N(0, I) by the reverse process; returns values in [-1, 1].
 
         sampler: a name in ddpm.samplers.SAMPLERS ("ddpm": ancestral sampling, Ho et al. 2020 Alg. 2;
-        "ddim": Song et al. 2021 eq. 12 with `eta` in [0, 1]). `steps` < T runs on a respaced process
-        over `steps` evenly spaced timesteps. `generator` makes the result deterministic; `noise`
-        gives x_T explicitly. Device: `device`, else the generator's, else this module's buffers'.
+        "ddim": Song et al. 2021 eq. 12 with `eta` in [0, 1]; "dpmsolver++": DPM-Solver++(2M);
+        "heun": Karras et al. 2022's 2nd-order solver, 2 steps - 1 evaluations). `steps` < T runs on a
+        respaced process over `steps` timesteps placed by `spacing` (see spaced_timesteps; None: the
+        sampler's default, uniform for ddpm and ddim, karras for the 2nd-order solvers).
+        `generator` makes the result deterministic; `noise` gives x_T explicitly. Device: `device`,
+        else the generator's, else this module's buffers'.
         """
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(sorted(samplers.SAMPLERS))}")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta!r}")
         steps = self.num_timesteps if steps is None else steps
-        kept = spaced_timesteps(self.num_timesteps, steps)
-        diffusion = self if steps == self.num_timesteps else self.respace(kept)
+        spacing = samplers.DEFAULT_SPACING[sampler] if spacing is None else spacing
+        kept = spaced_timesteps(self.num_timesteps, steps, spacing, self.alphas_cumprod.cpu())
+        diffusion = self if len(kept) == self.num_timesteps else self.respace(kept)
         if device is None:
             device = generator.device if generator is not None else self.betas.device
         diffusion = diffusion.to(device)

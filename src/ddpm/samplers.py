@@ -1,4 +1,4 @@
-"""Reverse-process samplers over a GaussianDiffusion: ancestral DDPM and DDIM.
+"""Reverse-process samplers over a GaussianDiffusion: ancestral DDPM, DDIM, DPM-Solver++(2M) and Heun.
 
 Each sampler is a plain function `(diffusion, model, x_T, *, generator, eta, progress, model_kwargs,
 clip_denoised) -> x_0`, registered by name; `GaussianDiffusion.sample` picks the process (full or
@@ -8,6 +8,8 @@ function decorated with `@register_sampler("name")`. Pure PyTorch.
 References:
 - Ho et al. 2020, Algorithm 2 (ancestral sampling), eq. 11.
 - Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 (and eq. 16 for sigma_t(eta)).
+- Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", Alg. 2.
+- Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", Alg. 1.
 """
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ if TYPE_CHECKING:
 
 Sampler = Callable[..., Tensor]
 SAMPLERS: dict[str, Sampler] = {}
+DEFAULT_SPACING: dict[str, str] = {}  # the timestep spacing each sampler uses unless told otherwise
 
 
-def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
-    """Decorator that adds a sampler function to SAMPLERS under `name`."""
+def register_sampler(name: str, spacing: str = "uniform") -> Callable[[Sampler], Sampler]:
+    """Decorator that adds a sampler function to SAMPLERS under `name`, with its default timestep spacing."""
 
     def add(fn: Sampler) -> Sampler:
         SAMPLERS[name] = fn
+        DEFAULT_SPACING[name] = spacing
         return fn
 
     return add
@@ -81,3 +85,74 @@ def ddim_sample(
         if i > 0 and eta > 0:
             x = x + sigma * _randn_like(x, generator)
     return x
+
+
+def _log_snr_half(alpha_bar: Tensor) -> Tensor:
+    """lambda = log(alpha / sigma) = 0.5 log(alpha_bar / (1 - alpha_bar)), the half log-SNR of DPM-Solver."""
+    return 0.5 * (alpha_bar.log() - torch.log1p(-alpha_bar))
+
+
+@register_sampler("dpmsolver++", spacing="karras")
+def dpm_solver_pp_2m_sample(
+    diffusion: GaussianDiffusion, model: Callable[..., Tensor], x: Tensor, *, generator: torch.Generator | None = None,
+    eta: float = 0.0, progress: bool = False, model_kwargs: dict | None = None, clip_denoised: bool = True,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): multistep 2nd order in the data prediction.
+
+    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma) and
+    h_i = lambda_i - lambda_{i-1}: x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i, where
+    D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2}, r_i = h_{i-1} / h_i (first order on the first step
+    and on the last, which lands on alpha_bar = 1, i.e. returns the data prediction). One network
+    evaluation per step of `diffusion`. Deterministic: `eta` and `generator` are unused.
+    """
+    previous_x0, previous_h = None, None
+    for i in _reverse_steps(diffusion, progress, "dpmsolver++"):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        x0 = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs).pred_x0
+        a = diffusion.alphas_cumprod[i].double()
+        if i == 0:  # last step: to alpha_bar = 1, where sigma = 0 and x equals the data prediction
+            return x0
+        a_next = diffusion.alphas_cumprod_prev[i].double()
+        h = _log_snr_half(a_next) - _log_snr_half(a)
+        if previous_x0 is None:
+            D = x0
+        else:
+            r = previous_h / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous_x0
+        x = ((1 - a_next) / (1 - a)).sqrt().float() * x - (a_next.sqrt() * torch.expm1(-h)).float() * D
+        previous_x0, previous_h = x0, h
+    return x
+
+
+@register_sampler("heun", spacing="karras")
+def heun_sample(
+    diffusion: GaussianDiffusion, model: Callable[..., Tensor], x: Tensor, *, generator: torch.Generator | None = None,
+    eta: float = 0.0, progress: bool = False, model_kwargs: dict | None = None, clip_denoised: bool = True,
+) -> Tensor:
+    """Heun's 2nd-order ODE solver (Karras et al. 2022, "EDM", Algorithm 1 with S_churn = 0).
+
+    In the variance-exploding variable x~ = x / sqrt(alpha_bar) with sigma = sqrt((1 - alpha_bar) / alpha_bar),
+    the probability-flow ODE is dx~/dsigma = (x~ - D(x~; sigma)) / sigma, D the x_0 prediction. Steps run
+    over the sigmas of `diffusion`'s timesteps and end at sigma = 0 with an Euler step: 2 K - 1 network
+    evaluations for K timesteps. Deterministic: `eta` and `generator` are unused.
+    """
+    steps = list(_reverse_steps(diffusion, progress, "heun"))
+    alphas_cumprod = diffusion.alphas_cumprod.double()
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+    def denoise(x_ve: Tensor, i: int) -> Tensor:
+        t = torch.full((x_ve.shape[0],), i, device=x_ve.device, dtype=torch.long)
+        x_t = x_ve * alphas_cumprod[i].sqrt().float()
+        return diffusion.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs).pred_x0
+
+    x_ve = x / alphas_cumprod[steps[0]].sqrt().float()
+    for i in steps:
+        sigma = sigmas[i].float()
+        d = (x_ve - denoise(x_ve, i)) / sigma  # dx~/dsigma at sigma_i
+        if i == 0:  # Euler to sigma = 0
+            return x_ve - sigma * d
+        sigma_next = sigmas[i - 1].float()
+        x_euler = x_ve + (sigma_next - sigma) * d
+        d_next = (x_euler - denoise(x_euler, i - 1)) / sigma_next
+        x_ve = x_ve + (sigma_next - sigma) * 0.5 * (d + d_next)
+    return x_ve

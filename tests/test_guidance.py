@@ -1,0 +1,45 @@
+"""Classifier-free guidance: the combination rule and its end points (Ho & Salimans 2022)."""
+import torch
+
+from ddpm import GaussianDiffusion, UNet, make_betas
+from ddpm.guidance import ClassifierFreeGuidance
+
+
+def conditional_net(out_channels=None):
+    torch.manual_seed(0)
+    net = UNet(image_size=8, in_channels=1, out_channels=out_channels, base_channels=16, channel_mult=(1, 2),
+               num_res_blocks=1, attention_resolutions=(), dropout=0.0, norm_groups=8, num_classes=10).eval()
+    with torch.no_grad():  # the paper's init zeroes the output layers: perturb so outputs depend on the label
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def test_guidance_is_the_linear_combination_of_conditional_and_unconditional_outputs():
+    net = conditional_net()
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 7, 9])
+    with torch.no_grad():
+        cond, uncond = net(x, t, y=y), net(x, t, y=torch.full_like(y, 10))
+        for s in (0.0, 1.0, 3.0):
+            guided = ClassifierFreeGuidance(net, s, null_label=10)(x, t, y)
+            assert torch.allclose(guided, uncond + s * (cond - uncond), atol=1e-5)
+
+
+def test_scale_zero_samples_exactly_as_the_unconditional_model():
+    net = conditional_net()
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    y = torch.tensor([1, 2, 3, 4])
+    guided = diffusion.sample(ClassifierFreeGuidance(net, 0.0, null_label=10), (4, 1, 8, 8), steps=10,
+                              generator=torch.Generator().manual_seed(0), model_kwargs={"y": y})
+    unconditional = diffusion.sample(net, (4, 1, 8, 8), steps=10, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(guided, unconditional, atol=1e-6)
+
+
+def test_learned_variance_channels_are_not_guided():
+    net = conditional_net(out_channels=2)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 500]), torch.tensor([1, 5, 8])
+    with torch.no_grad():
+        cond, uncond = net(x, t, y=y), net(x, t, y=torch.full_like(y, 10))
+        guided = ClassifierFreeGuidance(net, 2.0, null_label=10, guided_channels=1)(x, t, y)
+    assert torch.allclose(guided[:, :1], uncond[:, :1] + 2.0 * (cond[:, :1] - uncond[:, :1]), atol=1e-5)
+    assert torch.allclose(guided[:, 1:], cond[:, 1:], atol=1e-6)
