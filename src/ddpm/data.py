@@ -1,13 +1,24 @@
 """Data for diffusion training: image datasets and the LightningDataModule that serves x_0 batches.
 
-Images are float32 tensors of shape (C, H, W) scaled to [-1, 1] (Ho et al. 2020, sec. 3.3).
+Images are float32 tensors of shape (C, H, W) scaled to [-1, 1] (Ho et al. 2020, sec. 3.3). Datasets
+live in a registry: adding one is a `@register_dataset("name")` builder plus conf/data/<name>.yaml.
+Also here: the tensor <-> PNG grid helpers that training and sampling share.
 """
 from __future__ import annotations
 
-from typing import Literal
+import math
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
 
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integers 0..16 per pixel
 
@@ -32,3 +43,330 @@ def digits_split(
     keep = order[:n_val] if split == "val" else order[n_val:]
     keep = np.sort(keep)
     return torch.from_numpy(images[keep]).unsqueeze(1), torch.from_numpy(digits.target[keep]).long()
+
+
+# ---- images <-> tensors ---------------------------------------------------------------------------
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) floats in [-1, 1] -> (B, H, W, C) uint8 in [0, 255]."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1, min_cell: int = 32) -> Image.Image:
+    """Tile (B, C, H, W) images in [-1, 1] into one Pillow image, nrow per row (default: ~sqrt(B)).
+
+    Cells smaller than `min_cell` pixels are upscaled with nearest-neighbour (an integer factor), so
+    8x8 digits stay visible and stay exact; `padding` pixels of white separate the cells.
+    """
+    B, C, H, W = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(B)))
+    ncol = math.ceil(B / nrow)
+    scale = max(1, math.ceil(min_cell / max(H, W)))
+    cells = to_uint8(images).repeat(scale, axis=1).repeat(scale, axis=2)  # (B, H*s, W*s, C)
+    h, w = H * scale, W * scale
+    grid = np.full((ncol * (h + padding) + padding, nrow * (w + padding) + padding, C), 255, dtype=np.uint8)
+    for i, cell in enumerate(cells):
+        r, c = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        grid[top : top + h, left : left + w] = cell
+    return Image.fromarray(grid[..., 0] if C == 1 else grid, mode="L" if C == 1 else "RGB")
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write `images` (B, C, H, W) in [-1, 1] as one PNG grid at `path` (parents created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, nrow=nrow).save(path)
+    return path
+
+
+# ---- datasets -------------------------------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read as configured (missing files, nothing usable); the message says what to fix."""
+
+
+class TensorImages(Dataset):
+    """In-memory images (N, C, H, W) (float in [-1, 1] or uint8) with labels, optionally flipped at random."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, hflip: bool = False) -> None:
+        self.images, self.labels, self.hflip = images, labels, hflip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i]
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def _resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Resize square images (N, C, S, S) to resolution x resolution (bilinear, antialiased when shrinking)."""
+    if images.shape[-1] == resolution:
+        return images
+    dtype = images.dtype
+    x = images.float()
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return x.round().clamp(0, 255).to(dtype) if dtype == torch.uint8 else x.clamp(-1, 1)
+
+
+def _set_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grayscale <-> RGB: repeat one channel, or take the ITU-R 601 luma of three (as Pillow's "L")."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.repeat(1, 3, 1, 1)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    y = (images.float() * luma).sum(1, keepdim=True)
+    return y.round().to(images.dtype) if images.dtype == torch.uint8 else y
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded permutation split of range(n) into (train, val) indices, each sorted; val keeps >= 1 if n >= 2."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(max(int(round(n * val_fraction)), 1 if val_fraction > 0 else 0), n - 1) if n >= 2 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+@dataclass
+class DataSpec:
+    """What a dataset builder receives: the DataModule's options."""
+
+    root: str | None
+    resolution: int
+    channels: int
+    hflip: bool
+    val_fraction: float
+    split_seed: int
+
+
+Builder = Callable[[DataSpec], tuple[Dataset, Dataset, int | None]]
+DATASETS: dict[str, Builder] = {}
+
+
+def register_dataset(name: str) -> Callable[[Builder], Builder]:
+    """Decorator that adds `build(spec) -> (train, val, num_classes)` to DATASETS under `name`."""
+
+    def add(fn: Builder) -> Builder:
+        DATASETS[name] = fn
+        return fn
+
+    return add
+
+
+@register_dataset("digits")
+def build_digits(spec: DataSpec) -> tuple[Dataset, Dataset, int | None]:
+    """scikit-learn's 1797 8x8 digits (the fixed `digits_split`), upsampled to `resolution` if it is not 8."""
+    splits = []
+    for split in ("train", "val"):
+        images, labels = digits_split(split, val_fraction=spec.val_fraction, seed=spec.split_seed)
+        images = _set_channels(_resize(images, spec.resolution), spec.channels)
+        splits.append(TensorImages(images, labels, hflip=spec.hflip and split == "train"))
+    return splits[0], splits[1], 10
+
+
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def _cifar10_dir(root: str | None) -> Path:
+    """The folder holding the CIFAR-10 python batches: `root/cifar-10-batches-py` or `root` itself."""
+    if not root:
+        raise DataError(f"data.root is not set: point it at the folder that holds cifar-10-batches-py/ (from {CIFAR10_URL})")
+    for folder in (Path(root) / "cifar-10-batches-py", Path(root)):
+        if all((folder / name).is_file() for name in CIFAR10_FILES):
+            return folder
+    missing = [name for name in CIFAR10_FILES if not (Path(root) / "cifar-10-batches-py" / name).is_file()]
+    raise DataError(
+        f"data.root={root}: CIFAR-10 batches not found; expected cifar-10-batches-py/{{{','.join(CIFAR10_FILES)}}} "
+        f"(missing: {', '.join(missing)}); download {CIFAR10_URL} and extract it into data.root"
+    )
+
+
+def _read_cifar10_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data, labels = batch[b"data"], batch[b"labels"]
+    except Exception as e:  # a truncated download or a wrong file
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-download {CIFAR10_URL}") from e
+    images = torch.from_numpy(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
+    return images, torch.as_tensor(labels, dtype=torch.long)
+
+
+@register_dataset("cifar10")
+def build_cifar10(spec: DataSpec) -> tuple[Dataset, Dataset, int | None]:
+    """CIFAR-10 from the python pickle batches: train = data_batch_1..5 (50k), val = test_batch (10k); kept as uint8."""
+    folder = _cifar10_dir(spec.root)
+    splits = []
+    for names, train in ((CIFAR10_FILES[:5], True), (CIFAR10_FILES[5:], False)):
+        parts = [_read_cifar10_batch(folder / name) for name in names]
+        images = torch.cat([p[0] for p in parts])
+        labels = torch.cat([p[1] for p in parts])
+        images = _set_channels(_resize(images, spec.resolution), spec.channels)
+        splits.append(TensorImages(images, labels, hflip=spec.hflip and train))
+    return splits[0], splits[1], 10
+
+
+class ImageFolder(Dataset):
+    """Image files read with Pillow, converted to `channels` (alpha composited on white), resized and center-cropped."""
+
+    def __init__(self, files: list[Path], labels: list[int], resolution: int, channels: int, hflip: bool) -> None:
+        self.files, self.labels = files, labels
+        self.resolution, self.channels, self.hflip = resolution, channels, hflip
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with Image.open(self.files[i]) as im:
+            array = load_image(im, self.resolution, self.channels)
+        x = torch.from_numpy(array).float() / 127.5 - 1.0
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, torch.tensor(self.labels[i])
+
+
+def load_image(im: Image.Image, resolution: int, channels: int) -> np.ndarray:
+    """A Pillow image of any mode -> uint8 array (H, W) or (H, W, 3): alpha over white, shorter side to
+    `resolution` (bicubic, up or down), center crop."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    im = im.convert("L" if channels == 1 else "RGB")
+    im = ImageOps.fit(im, (resolution, resolution), method=Image.Resampling.BICUBIC)
+    return np.array(im, dtype=np.uint8)  # a writable copy
+
+
+def scan_image_folder(root: str | None) -> tuple[list[Path], list[int], list[str]]:
+    """The readable images under `root` (recursive, sorted) with labels from their top-level subfolder.
+
+    Files Pillow cannot identify or verify (other files, corrupt or truncated images) are skipped and
+    counted in one warning. Labels: the index of the first-level subfolder when every image sits in
+    one (ImageFolder layout), else 0. Raises DataError when the folder is missing or holds no image.
+    """
+    if not root:
+        raise DataError("data.root is not set: point it at a folder of images (data=folder data.root=PATH)")
+    folder = Path(root)
+    if not folder.is_dir():
+        raise DataError(f"data.root={root}: no such folder")
+    files, skipped = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            files.append(path)
+        except Exception:
+            skipped.append(path)
+    if skipped:
+        warnings.warn(
+            f"data.root={root}: skipped {len(skipped)} file(s) that are not readable images (e.g. {skipped[0].name})",
+            stacklevel=2,
+        )
+    if not files:
+        raise DataError(f"data.root={root}: no readable images found (Pillow formats: png, jpg, bmp, gif, webp, ...)")
+    parents = [p.relative_to(folder).parts for p in files]
+    if all(len(parts) > 1 for parts in parents):
+        classes = sorted({parts[0] for parts in parents})
+        labels = [classes.index(parts[0]) for parts in parents]
+    else:
+        classes, labels = [], [0] * len(files)
+    return files, labels, classes
+
+
+@register_dataset("folder")
+def build_folder(spec: DataSpec) -> tuple[Dataset, Dataset, int | None]:
+    """Any folder of images (recursive); a seeded `val_fraction` of them is held out."""
+    files, labels, classes = scan_image_folder(spec.root)
+    train, val = _split(len(files), spec.val_fraction, spec.split_seed)
+
+    def subset(index: np.ndarray, hflip: bool) -> ImageFolder:
+        return ImageFolder([files[i] for i in index], [labels[i] for i in index], spec.resolution, spec.channels, hflip)
+
+    return subset(train, spec.hflip), subset(val, False), (len(classes) or None)
+
+
+# ---- the LightningDataModule ----------------------------------------------------------------------
+
+
+class ImageDataModule(LightningDataModule):
+    """Serves (x_0, y) batches: images (B, C, H, W) in [-1, 1] and int64 labels, from a dataset in DATASETS.
+
+    Args:
+        dataset: a name in DATASETS ("digits", "folder", "cifar10").
+        root: where the files are (folder, cifar10).
+        resolution: height = width of the served images; digits are native 8, CIFAR-10 32.
+        channels: 1 (grayscale) or 3 (RGB).
+        hflip: random horizontal flips on the training split (never on validation).
+        batch_size: per device (DDP multiplies it by the number of processes).
+        num_workers: DataLoader worker processes.
+        val_fraction: held-out fraction (digits, folder; CIFAR-10 uses its test batch).
+        split_seed: seed of the train/val split, apart from the run's seed so every run sees the same split.
+        pin_memory: None pins on GPU accelerators only.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        root: str | None = None,
+        resolution: int = 8,
+        channels: Literal[1, 3] = 1,
+        hflip: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise DataError(f"data.dataset={dataset!r} is not known; known datasets: {', '.join(sorted(DATASETS))}")
+        checks = {
+            "resolution": (resolution, isinstance(resolution, int) and resolution >= 1, "an integer >= 1"),
+            "channels": (channels, channels in (1, 3), "1 or 3"),
+            "batch_size": (batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1"),
+            "num_workers": (num_workers, isinstance(num_workers, int) and num_workers >= 0, "an integer >= 0"),
+            "val_fraction": (val_fraction, 0.0 <= val_fraction < 1.0, "a number in [0, 1)"),
+        }
+        for key, (value, ok, accepted) in checks.items():
+            if not ok:
+                raise DataError(f"data.{key}={value!r} is invalid: expected {accepted}")
+        self.save_hyperparameters()
+        self.spec = DataSpec(root, resolution, channels, hflip, val_fraction, split_seed)
+        self.dataset, self.batch_size, self.num_workers, self.pin_memory = dataset, batch_size, num_workers, pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.num_classes: int | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set, self.num_classes = DATASETS[self.dataset](self.spec)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        pin = self.pin_memory
+        if pin is None:
+            pin = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, train=False)

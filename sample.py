@@ -1,0 +1,93 @@
+"""Sample from a trained DDPM: the checkpoint alone rebuilds the model; writes samples.npz and grid.png.
+
+    python sample.py ckpt=outputs/runs/demo                          # a run dir: its checkpoints/last.ckpt
+    python sample.py ckpt=path/to/step_003000.ckpt sampler=ddpm steps=null n=16
+    python sample.py ckpt=outputs/runs/demo n=1000 batch_size=250 seed=1 out_dir=outputs/fid_samples
+
+Options: conf/sample.yaml (sampler, steps, eta, n, batch_size, seed, use_ema, device, out_dir).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ddpm.config import ConfigError, clean_errors, resolve_ckpt
+
+GRID_MAX = 256  # grid.png shows at most this many samples; samples.npz holds all n
+
+
+def _check(key: str, value, ok: bool, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {accepted}")
+
+
+def sample(cfg: DictConfig) -> Path:
+    """Load the checkpoint named by cfg.ckpt, draw cfg.n samples in batches, write samples.npz and grid.png."""
+    from tqdm.auto import tqdm
+
+    from ddpm.data import save_grid
+    from ddpm.module import load_module
+    from ddpm.samplers import SAMPLERS
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    _check("n", cfg.n, is_int(cfg.n) and cfg.n >= 1, "an integer >= 1")
+    _check("batch_size", cfg.batch_size, is_int(cfg.batch_size) and cfg.batch_size >= 1, "an integer >= 1")
+    _check("sampler", cfg.sampler, cfg.sampler in SAMPLERS, " or ".join(sorted(SAMPLERS)))
+    _check("eta", cfg.eta, isinstance(cfg.eta, (int, float)) and 0 <= cfg.eta <= 1, "a number in [0, 1]")
+    _check("seed", cfg.seed, is_int(cfg.seed), "an integer")
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ConfigError(f"device={cfg.device!r} is not available here ({str(e).splitlines()[0]}); use cpu or auto") from e
+
+    path = resolve_ckpt(cfg.ckpt, key="ckpt")
+    module, ema, step = load_module(path, use_ema=cfg.use_ema, map_location=device)
+    T = module.diffusion.num_timesteps
+    _check("steps", cfg.steps, cfg.steps is None or (is_int(cfg.steps) and 1 <= cfg.steps <= T), f"null or an integer in [1, {T}] (the checkpoint's T)")
+    if cfg.use_ema and not ema:
+        print("note: the checkpoint has no EMA weights; sampling the live weights")
+    print(f"checkpoint: {path} ({'EMA' if ema else 'live'} weights, step {step}), {cfg.sampler} {cfg.steps or T} steps")
+
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples, labels = [], []
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # one stream over all batches
+    batches = range(0, cfg.n, cfg.batch_size)
+    for start in tqdm(batches, desc="batches", disable=len(batches) == 1):
+        b = min(cfg.batch_size, cfg.n - start)
+        y = torch.arange(start, start + b, device=device) % module.unet.num_classes if module.conditional else None
+        x = module.sample(b, cfg.sampler, cfg.steps, eta=cfg.eta, labels=y, progress=True, generator=generator)
+        samples.append(x.float().cpu())
+        if y is not None:
+            labels.append(y.cpu())
+    x = torch.cat(samples)  # (n, C, H, W) in [-1, 1]
+    arrays = {"samples": x.numpy().astype(np.float32)}
+    if labels:
+        arrays["labels"] = torch.cat(labels).numpy()
+    npz = out_dir / "samples.npz"
+    np.savez(npz, **arrays)
+    grid = save_grid(x[:GRID_MAX], out_dir / "grid.png")
+    print(f"samples: {npz}  {tuple(x.shape)}")
+    print(f"grid: {grid}")
+    return out_dir
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    with clean_errors(run_dir=HydraConfig.get().runtime.output_dir):
+        sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

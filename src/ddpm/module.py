@@ -1,0 +1,274 @@
+"""DiffusionModule: the LightningModule that trains a UNet under a GaussianDiffusion (Ho et al. 2020, Alg. 1).
+
+It holds the network (`unet`) and the process (`diffusion`), logs the loss (also per quarter of the
+timesteps), validates with a fixed draw of t and noise, builds Adam/AdamW with a linear warm-up,
+and every `sample_every_n_steps` draws a fixed-seed grid from the EMA weights into
+`<run dir>/samples/step_XXXXXX.png` (and to the logger when it takes images).
+
+All constructor arguments are plain values and `save_hyperparameters()` stores them, so a checkpoint
+alone rebuilds the model: `DiffusionModule.load_from_checkpoint(path)` (EMA weights when the run had
+EMA) or `load_module(path, use_ema=...)`.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Literal, NamedTuple
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from ddpm import GaussianDiffusion, make_betas
+from ddpm.callbacks import EMA
+from ddpm.config import ConfigError
+from ddpm.data import make_grid, save_grid
+from ddpm.samplers import SAMPLERS
+
+QUARTILES = 4
+
+
+def _check(key: str, value: Any, ok: Callable[[], bool], accepted: str) -> None:
+    """Raise ConfigError naming key, value and what is accepted unless ok() holds (a TypeError counts as no)."""
+    try:
+        good = bool(ok())
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {accepted}")
+
+
+class DiffusionModule(LightningModule):
+    """A GaussianDiffusion over a UNet, trained with L_simple (Ho et al. 2020, eq. 14).
+
+    Args:
+        unet: keyword arguments of ddpm.UNet (image_size, in_channels, base_channels, channel_mult, ...).
+        schedule: a beta schedule name in ddpm.schedules.SCHEDULES ("linear", "cosine").
+        timesteps: T, the length of the forward process.
+        objective: what the net predicts: "eps" (the paper), "x0" or "v".
+        variance: reverse-process variance, "fixed_small" (beta-tilde) or "fixed_large" (beta).
+        min_snr_gamma: min-SNR-gamma loss weighting, None for the plain L_simple.
+        optimizer: "adam" (the paper) or "adamw".
+        lr: peak learning rate, reached after `warmup_steps` linear steps and then held.
+        betas: Adam's (beta1, beta2).
+        weight_decay: decoupled for AdamW, L2 for Adam.
+        warmup_steps: linear learning-rate warm-up length in optimizer steps (0: none).
+        sample_every_n_steps: draw a grid every this many optimizer steps and at the end (0: never).
+        sample_n: images in the grid.
+        sample_sampler: sampler for the grid (a name in ddpm.samplers.SAMPLERS).
+        sample_steps: sampling steps for the grid (None: all T).
+        sample_seed: seed of the grid's noise, fixed so grids are comparable across steps and runs.
+    """
+
+    def __init__(
+        self,
+        unet: dict[str, Any],
+        schedule: str = "linear",
+        timesteps: int = 1000,
+        objective: Literal["eps", "x0", "v"] = "eps",
+        variance: Literal["fixed_small", "fixed_large"] = "fixed_small",
+        min_snr_gamma: float | None = None,
+        optimizer: Literal["adam", "adamw"] = "adam",
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 5000,
+        sample_every_n_steps: int = 1000,
+        sample_n: int = 64,
+        sample_sampler: str = "ddim",
+        sample_steps: int | None = 50,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        from ddpm import UNet  # lazily: ddpm exposes UNet through __getattr__
+
+        self.save_hyperparameters()
+        known = set(inspect.signature(UNet).parameters)
+        unknown = sorted(set(unet) - known)
+        if unknown:
+            raise ConfigError(f"model.{unknown[0]} is not a UNet argument; known: {', '.join(sorted(known))}")
+        _check("schedule.timesteps", timesteps, lambda: isinstance(timesteps, int) and timesteps >= 1, "an integer >= 1")
+        _check("module.optimizer", optimizer, lambda: optimizer in ("adam", "adamw"), "adam or adamw")
+        _check("module.lr", lr, lambda: lr > 0, "a number > 0")
+        _check("module.betas", betas, lambda: len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)")
+        _check("module.weight_decay", weight_decay, lambda: weight_decay >= 0, "a number >= 0")
+        _check("module.warmup_steps", warmup_steps, lambda: warmup_steps >= 0, "an integer >= 0")
+        _check("module.sample_every_n_steps", sample_every_n_steps, lambda: sample_every_n_steps >= 0, "an integer >= 0")
+        _check("module.sample_n", sample_n, lambda: sample_n >= 1, "an integer >= 1")
+        _check("module.sample_sampler", sample_sampler, lambda: sample_sampler in SAMPLERS, " or ".join(sorted(SAMPLERS)))
+        _check(
+            "module.sample_steps", sample_steps,
+            lambda: sample_steps is None or (isinstance(sample_steps, int) and 1 <= sample_steps <= timesteps),
+            f"null or an integer in [1, {timesteps}] (schedule.timesteps)",
+        )  # fmt: skip
+        try:
+            self.unet = UNet(**unet)
+            self.diffusion = GaussianDiffusion(
+                make_betas(schedule, timesteps), objective=objective, variance=variance, min_snr_gamma=min_snr_gamma
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.image_shape = (self.unet.in_channels, self.unet.image_size, self.unet.image_size)  # (C, H, W)
+        # L_simple summed and counted per quarter of [0, T) over the epoch: where in the chain the net still has
+        # to learn. Plain tensors, not buffers: buffers would enter checkpoints and the EMA's weight swaps.
+        self._q_sum = torch.zeros(QUARTILES)
+        self._q_count = torch.zeros(QUARTILES)
+        self._last_grid_step = -1
+        self.last_grid_path: Path | None = None
+
+    @property
+    def conditional(self) -> bool:
+        return self.unet.num_classes is not None
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The network's prediction (eps, x0 or v by objective) for x_t (B, C, H, W) at t (B,)."""
+        return self.unet(x_t, t, y)
+
+    def _model_kwargs(self, y: Tensor) -> dict[str, Tensor] | None:
+        return {"y": y} if self.conditional else None
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, y = batch  # (B, C, H, W) in [-1, 1], (B,)
+        T = self.diffusion.num_timesteps
+        t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
+        losses = self.diffusion.training_loss(self.unet, x0, t=t, model_kwargs=self._model_kwargs(y), reduction="none")
+        loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True)
+        quartile = t * QUARTILES // T  # (B,) in 0..3
+        if self._q_sum.device != x0.device:
+            self._q_sum, self._q_count = self._q_sum.to(x0.device), self._q_count.to(x0.device)
+        self._q_sum.index_add_(0, quartile, losses.detach().float())
+        self._q_count.index_add_(0, quartile, torch.ones_like(losses, dtype=torch.float))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Log train/loss_q1..q4, the epoch's mean loss for t in each quarter of [0, T) (q1: least noise)."""
+        means = self._q_sum / self._q_count.clamp(min=1)
+        for i in range(QUARTILES):
+            self.log(f"train/loss_q{i + 1}", means[i], sync_dist=True)
+        self._q_sum.zero_()
+        self._q_count.zero_()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """L_simple on held-out images with t and noise drawn from a per-batch seed, so values compare across evaluations."""
+        x0, y = batch
+        g = torch.Generator(device=x0.device).manual_seed(batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g, device=x0.device)
+        noise = torch.randn(x0.shape, generator=g, device=x0.device)
+        loss = self.diffusion.training_loss(self.unet, x0, t=t, noise=noise, model_kwargs=self._model_kwargs(y))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[hp.optimizer]
+        opt = cls(self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        warmup = max(hp.warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
+
+    # ---- sample grids ----------------------------------------------------------------------------
+
+    def ema_module(self) -> DiffusionModule:
+        """The module with the EMA weights while an EMA callback is fitting, else this one."""
+        trainer = self._trainer
+        for callback in trainer.callbacks if trainer is not None else []:
+            if isinstance(callback, EMA) and callback.averaged_module is not None:
+                return callback.averaged_module
+        return self
+
+    def sample(
+        self,
+        n: int,
+        sampler: str = "ddim",
+        steps: int | None = 50,
+        eta: float = 0.0,
+        seed: int = 0,
+        labels: Tensor | None = None,
+        progress: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """n images (n, C, H, W) in [-1, 1] from this module's weights, deterministic for `seed`
+        (or drawn from `generator`, which then replaces the seed, to continue one stream over batches).
+
+        Conditional models get `labels` (n,), by default 0, 1, ..., num_classes - 1 repeated.
+        """
+        device = self.diffusion.betas.device
+        if self.conditional and labels is None:
+            labels = torch.arange(n, device=device) % self.unet.num_classes
+        g = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            return self.diffusion.sample(
+                self.unet, (n, *self.image_shape), sampler=sampler, steps=steps, eta=eta, generator=g,
+                progress=progress, model_kwargs=None if labels is None else {"y": labels.to(device)}, device=device,
+            )  # fmt: skip
+        finally:
+            self.unet.train(was_training)
+
+    def log_sample_grid(self) -> Path | None:
+        """Draw the fixed-seed grid from the EMA weights, write samples/step_XXXXXX.png, log it; rank 0 only."""
+        step = self.global_step
+        if step == self._last_grid_step or self.trainer is None:
+            return self.last_grid_path
+        self._last_grid_step = step
+        if not self.trainer.is_global_zero:
+            return None
+        hp = self.hparams
+        with self.trainer.precision_plugin.forward_context():
+            images = self.ema_module().sample(hp.sample_n, hp.sample_sampler, hp.sample_steps, seed=hp.sample_seed)
+        path = save_grid(images, Path(self.trainer.default_root_dir) / "samples" / f"step_{step:06d}.png")
+        self.last_grid_path = path
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger
+                logger.log_image(key="samples", images=[make_grid(images)], step=step, caption=[f"step {step}"])
+        return path
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.hparams.sample_every_n_steps
+        if every and self.global_step % every == 0:
+            self.log_sample_grid()
+
+    def on_train_end(self) -> None:
+        if self.hparams.sample_every_n_steps:
+            self.log_sample_grid()
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What `load_module` returns: the module (eval mode), whether it holds EMA weights, the training step."""
+
+    module: DiffusionModule
+    ema: bool
+    global_step: int
+
+
+def load_module(path: str | Path, use_ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild a DiffusionModule from a checkpoint file alone, with its EMA weights or (use_ema=False) the live ones.
+
+    With EMA (`WeightAveraging`), the checkpoint's `state_dict` holds the EMA weights and
+    `current_model_state` the live ones. A checkpoint without EMA has only the live weights; then
+    `use_ema=True` falls back to them (the second value says so).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt={path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+        raise ConfigError(f"ckpt={path}: not a readable checkpoint ({detail})") from e
+    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(f"ckpt={path}: not a DiffusionModule checkpoint (no hyper_parameters/state_dict)")
+    try:
+        module = DiffusionModule(**ckpt["hyper_parameters"])
+    except TypeError as e:
+        raise ConfigError(f"ckpt={path}: made by an incompatible version of ddpm ({e})") from e
+    has_ema = "current_model_state" in ckpt
+    state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"ckpt={path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    module.to(map_location).eval()
+    return LoadedCheckpoint(module, use_ema and has_ema, int(ckpt.get("global_step", 0)))

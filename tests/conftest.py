@@ -1,0 +1,54 @@
+"""Shared fixtures: run train.py / sample.py in subprocesses with outputs in tmp_path, and one trained run per session.
+
+Subprocesses get OMP_NUM_THREADS=1 (tiny models on a shared 2-core machine run fastest on one thread
+per process) and W&B offline with no account.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["debug=fast"]  # model=tiny, T=100, 8 steps, grids and checkpoints every 4 steps, csv logger
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    env.update(WANDB_CACHE_DIR=str(tmp / ".wandb_cache"), WANDB_CONFIG_DIR=str(tmp / ".wandb_config"))
+    env.pop("WANDB_DIR", None)
+    return env
+
+
+def run_script(script: str, *overrides: str, cwd: Path | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """python <script> <overrides> from the repo root (or `cwd`); with check, fail showing the output tail."""
+    cwd = cwd or ROOT
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=cwd, env=_env(Path(cwd)), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        pytest.fail(f"{script} {' '.join(overrides)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
+    """A fast training run (debug=fast) into `run_dir`."""
+    return run_script("train.py", *FAST, f"hydra.run.dir={run_dir}", *overrides, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One debug=fast run (linear schedule, 8 steps, EMA), shared by the tests that only read it."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train(run_dir, "schedule=linear")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def ckpt(trained_run: Path) -> Path:
+    return trained_run / "checkpoints" / "last.ckpt"

@@ -1,0 +1,76 @@
+"""Train a DDPM: Hydra composes conf/train.yaml, Lightning fits a DiffusionModule on an ImageDataModule.
+
+    python train.py                                         # digits on the CPU, a few minutes
+    python train.py schedule=cosine model=small             # swap config groups (conf/<group>/<option>.yaml)
+    python train.py -m schedule=linear,cosine seed=0,1,2    # a sweep: one run dir per job
+    python train.py name=demo resume=true                   # continue outputs/runs/demo from last.ckpt
+
+Each run dir (outputs/runs/<date>/<time>, or outputs/runs/<name>) holds .hydra/ (the composed config),
+checkpoints/ (last.ckpt), samples/ (grid PNGs) and the logger's files.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm.config import ConfigError, clean_errors, resolve_ckpt
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Instantiate data, module, callbacks, logger and trainer from `cfg`, fit, and return the last val/loss."""
+    import lightning.pytorch as pl
+
+    run_dir = Path(cfg.paths.run_dir)
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and cfg.trainer.strategy == "ddp":
+        raise ConfigError("hardware.strategy=ddp in a -m sweep re-runs the sweep per rank; use hardware.strategy=ddp_spawn or one device")
+    ckpt_path = None
+    if cfg.ckpt_path:
+        ckpt_path = resolve_ckpt(cfg.ckpt_path, key="ckpt_path")
+    elif cfg.resume:
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise ConfigError(f"resume=true: no checkpoints/last.ckpt in {run_dir}; name the run with name=<name> or hydra.run.dir=<run dir>")
+        ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.module)
+    datamodule.setup("fit")  # fail on missing data before the trainer starts
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") and cfg.logger.get("_target_") else []
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # the module and data log their own hparams; add the rest of the run's choices
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    choices = {key: resolved[key] for key in ("seed", "name", "hardware", "trainer", "callbacks")}
+    for logger in loggers:
+        logger.log_hyperparams(choices)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        for logger in loggers:
+            if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+                import wandb
+
+                wandb.finish()  # one W&B run per job, also in a -m sweep
+    if trainer.is_global_zero:
+        print(f"run dir: {run_dir}")
+        if module.last_grid_path is not None:
+            print(f"last sample grid: {module.last_grid_path}")
+    val_loss = trainer.callback_metrics.get("val/loss")
+    return None if val_loss is None else float(val_loss)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with clean_errors(run_dir=HydraConfig.get().runtime.output_dir):
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
