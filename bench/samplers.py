@@ -1,0 +1,133 @@
+"""Sampler benchmark: digits-FID (against its floor) by number of network evaluations, and guided-class accuracy.
+
+    python bench/samplers.py --ckpt outputs/runs/demo                      # FID vs NFE for every sampler
+    python bench/samplers.py --ckpt outputs/runs/cond --guidance 0,1,2,3,5  # + class accuracy by guidance scale
+
+From one trained digits checkpoint it draws `--n` samples per setting with each sampler (ddim, dpmsolver++,
+heun at 5..100 evaluations; ddpm over all T as the reference) and scores them with ddpm.metrics'
+digits-FID against the val split (floor: the same FID of n real train images). Heun makes 2 K - 1
+evaluations for K timesteps, so it runs at K = (NFE + 1) // 2. For a class-conditional checkpoint,
+`--guidance` lists scales s (0: unconditional, 1: conditional, > 1: stronger); each draws n samples
+of labels 0..9 in turn and reports how often the digits classifier agrees with the requested label.
+Writes a JSON of every figure and a plot (needs matplotlib: pip install -e .[bench]).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm.config import resolve_ckpt
+from ddpm.data import digits_split
+from ddpm.digits_classifier import load_digits_classifier
+from ddpm.metrics import SampleEvaluator
+from ddpm.module import load_module
+
+NFE_PER_STEP = {"ddpm": 1, "ddim": 1, "dpmsolver++": 1, "heun": 2}
+
+
+def steps_for(sampler: str, nfe: int) -> int:
+    """Timesteps that give `nfe` network evaluations (Heun: 2 K - 1 for K timesteps)."""
+    return (nfe + 1) // 2 if sampler == "heun" else nfe
+
+
+def draw(module, n: int, batch_size: int, seed: int, **kwargs) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kwargs.pop("bf16")):
+        return torch.cat([module.sample(min(batch_size, n - i), generator=g, **kwargs).float() for i in range(0, n, batch_size)])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="a checkpoint or a run dir")
+    p.add_argument("--n", type=int, default=1000, help="samples per setting")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--nfe", default="5,10,20,50,100", help="network evaluations per sample")
+    p.add_argument("--samplers", default="ddim,dpmsolver++,heun")
+    p.add_argument("--reference-steps", type=int, default=None, help="ddpm steps of the reference (default: all T)")
+    p.add_argument("--guidance", default="", help="guidance scales for a class-conditional checkpoint, e.g. 0,1,2,3,5")
+    p.add_argument("--guidance-sampler", default="dpmsolver++")
+    p.add_argument("--guidance-nfe", type=int, default=20)
+    p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results/samplers.json")
+    p.add_argument("--plot", default="docs/samplers_fid.png")
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+
+    loaded = load_module(resolve_ckpt(args.ckpt))
+    module = loaded.module
+    val, _ = digits_split("val")
+    train, _ = digits_split("train")
+    evaluator = SampleEvaluator(val, floor_real=train, metrics=("fid", "confidence", "coverage"))
+    results: dict = {"ckpt": str(args.ckpt), "global_step": loaded.global_step, "n": args.n, "fid": [], "guidance": []}
+
+    def score(sampler: str, nfe: int, steps: int | None, **kwargs) -> dict:
+        t0 = time.perf_counter()
+        x = draw(module, args.n, args.batch_size, args.seed, sampler=sampler, steps=steps, bf16=args.bf16, **kwargs)
+        row = {"sampler": sampler, "nfe": nfe, "steps": steps, "seconds": round(time.perf_counter() - t0, 1), **evaluator(x)}
+        print(f"{sampler:12s} nfe={nfe:5d}  fid={row['fid']:7.2f}  floor={row['fid_floor']:6.2f}  "
+              f"ratio={row['fid'] / row['fid_floor']:5.2f}  conf={row['confidence']:.3f}  cov={row['coverage']:.3f}  {row['seconds']}s", flush=True)
+        return row
+
+    T = module.diffusion.num_timesteps
+    reference_steps = args.reference_steps or T
+    results["fid"].append(score("ddpm", reference_steps, reference_steps))
+    for sampler in args.samplers.split(","):
+        for nfe in (int(v) for v in args.nfe.split(",")):
+            results["fid"].append(score(sampler, nfe, min(steps_for(sampler, nfe), T)))
+
+    if args.guidance:
+        if not module.conditional:
+            raise SystemExit("--guidance needs a class-conditional checkpoint (model.num_classes=10)")
+        classifier = load_digits_classifier()
+        labels = torch.arange(args.n) % 10
+        for scale in (float(s) for s in args.guidance.split(",")):
+            g = torch.Generator().manual_seed(args.seed)
+            steps = steps_for(args.guidance_sampler, args.guidance_nfe)
+            x = torch.cat([
+                module.sample(min(args.batch_size, args.n - i), args.guidance_sampler, steps, labels=labels[i:i + args.batch_size],
+                              generator=g, guidance_scale=scale).float()
+                for i in range(0, args.n, args.batch_size)
+            ])  # fmt: skip
+            with torch.no_grad():
+                accuracy = (classifier(x).argmax(1) == labels).float().mean().item()
+            row = {"guidance_scale": scale, "accuracy": accuracy, **evaluator(x)}
+            results["guidance"].append(row)
+            print(f"guidance {scale:4.1f}: class accuracy {accuracy:.3f}  fid={row['fid']:.2f} (floor {row['fid_floor']:.2f})", flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e .[bench]): no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    reference = results["fid"][0]
+    for sampler in args.samplers.split(","):
+        rows = [r for r in results["fid"] if r["sampler"] == sampler]
+        ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], marker="o", label=sampler)
+    ax.axhline(reference["fid"], color="k", ls="--", lw=1, label=f"ddpm, {reference['nfe']} steps")
+    ax.axhline(reference["fid_floor"], color="gray", ls=":", lw=1, label="floor (real vs real)")
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per sample")
+    ax.set_ylabel(f"digits-FID (n={args.n})")
+    ax.set_title(f"samplers on digits, step {loaded.global_step}")
+    ax.legend()
+    fig.tight_layout()
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=100)
+    print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
