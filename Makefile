@@ -23,9 +23,11 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)  ## create .venv and install the package (no work the second time)
 
-demo: $(STAMP)  ## train the default config (digits, CPU) and sample a grid
+demo: $(STAMP)  ## train the default config (digits, CPU, ~5 min) into outputs/runs/demo and sample a grid
+	rm -rf outputs/runs/demo
 	$(PY) train.py name=demo
-	$(PY) sample.py ckpt=outputs/runs/demo n=64 sampler=ddim steps=50 out_dir=outputs/runs/demo/demo_samples
+	$(PY) sample.py ckpt=outputs/runs/demo n=64 sampler=ddim steps=50 out_dir=outputs/runs/demo/sample
+	@echo "demo grid: outputs/runs/demo/sample/grid.png (training grids: outputs/runs/demo/samples/)"
 
 test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest -q

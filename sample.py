@@ -4,16 +4,22 @@
     python sample.py ckpt=path/to/step_003000.ckpt sampler=ddpm steps=null n=16
     python sample.py ckpt=outputs/runs/demo n=1000 batch_size=250 seed=1 out_dir=outputs/fid_samples
 
-Options: conf/sample.yaml (sampler, steps, eta, n, batch_size, seed, use_ema, device, out_dir).
+Options: conf/sample.yaml (sampler, steps, spacing, eta, guidance_scale, n, batch_size, seed, use_ema, device, out_dir).
 """
 from __future__ import annotations
+
+import os
+
+# Threads that wait by sleeping, not spinning: on a shared CPU, torch's default spin-waiting OpenMP threads
+# made small-batch CPU training 25x slower whenever another process was busy (README, "Figures").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ddpm.config import ConfigError, clean_errors, resolve_ckpt
@@ -42,6 +48,9 @@ def sample(cfg: DictConfig) -> Path:
     _check("sampler", cfg.sampler, cfg.sampler in SAMPLERS, " or ".join(sorted(SAMPLERS)))
     _check("eta", cfg.eta, isinstance(cfg.eta, (int, float)) and 0 <= cfg.eta <= 1, "a number in [0, 1]")
     _check("seed", cfg.seed, is_int(cfg.seed), "an integer")
+    spacings = ("uniform", "trailing", "karras")
+    _check("spacing", cfg.spacing, cfg.spacing is None or cfg.spacing in spacings, "null or " + " | ".join(spacings))
+    _check("guidance_scale", cfg.guidance_scale, isinstance(cfg.guidance_scale, (int, float)) and cfg.guidance_scale >= 0, "a number >= 0")
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,7 +76,10 @@ def sample(cfg: DictConfig) -> Path:
     for start in tqdm(batches, desc="batches", disable=len(batches) == 1):
         b = min(cfg.batch_size, cfg.n - start)
         y = torch.arange(start, start + b, device=device) % module.unet.num_classes if module.conditional else None
-        x = module.sample(b, cfg.sampler, cfg.steps, eta=cfg.eta, labels=y, progress=True, generator=generator)
+        x = module.sample(
+            b, cfg.sampler, cfg.steps, eta=cfg.eta, labels=y, progress=True, generator=generator,
+            guidance_scale=cfg.guidance_scale, spacing=cfg.spacing,
+        )  # fmt: skip
         samples.append(x.float().cpu())
         if y is not None:
             labels.append(y.cpu())

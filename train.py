@@ -11,6 +11,11 @@ checkpoints/ (last.ckpt), samples/ (grid PNGs) and the logger's files.
 from __future__ import annotations
 
 import os
+
+# Threads that wait by sleeping, not spinning: on a shared CPU, torch's default spin-waiting OpenMP threads
+# made small-batch CPU training 25x slower whenever another process was busy (README, "Figures").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 
 import hydra
@@ -44,6 +49,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")  # fail on missing data before the trainer starts
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") and cfg.logger.get("_target_") else []
+    if not loggers:  # logger=none: nothing to monitor the learning rate into
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     # the module and data log their own hparams; add the rest of the run's choices
     resolved = OmegaConf.to_container(cfg, resolve=True)

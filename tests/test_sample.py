@@ -64,3 +64,15 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     bogus.write_text("hello")
     proc = sample(tmp_path / "out", bogus, check=False)
     assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_conditional_learned_variance_run_samples_labels(tmp_path: Path) -> None:
+    """A class-conditional net with label dropout and learned_range variance trains, and sample.py writes
+    its labels (0..9 repeated) next to the samples, with classifier-free guidance."""
+    from conftest import train
+
+    run_dir = tmp_path / "run"
+    train(run_dir, "model.num_classes=10", "module.cond_drop_prob=0.2", "module.variance=learned_range", "trainer.max_steps=4")
+    sample(tmp_path / "out", run_dir, "n=12", "batch_size=5", "guidance_scale=2.0")
+    out = np.load(tmp_path / "out" / "samples.npz")
+    assert out["samples"].shape == (12, 1, 8, 8) and out["labels"].tolist() == [i % 10 for i in range(12)]

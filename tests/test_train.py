@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import ROOT, run_script, train
 from ddpm.callbacks import EMA
 from ddpm.data import make_grid
-from ddpm.module import load_module
+from ddpm.module import DiffusionModule, load_module
 
 
 def metrics(run_dir: Path) -> dict[str, list[float]]:
@@ -69,6 +69,10 @@ def test_ema_weights(ckpt: Path, trained_run: Path) -> None:
         assert torch.equal(ema[k], live[k]), k
     params = [k for k in ema if k.startswith("unet.")]
     assert any(not torch.equal(ema[k], live[k]) for k in params)
+
+    # the checkpoint alone rebuilds the model, with the EMA weights
+    rebuilt = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu").state_dict()
+    assert all(torch.equal(v, rebuilt[k]) for k, v in ema.items())
 
     grid = np.asarray(Image.open(trained_run / "samples" / "step_000008.png"))
     hp = c["hyper_parameters"]

@@ -23,6 +23,7 @@ from ddpm import GaussianDiffusion, make_betas
 from ddpm.callbacks import EMA
 from ddpm.config import ConfigError
 from ddpm.data import make_grid, save_grid
+from ddpm.guidance import ClassifierFreeGuidance
 from ddpm.samplers import SAMPLERS
 
 QUARTILES = 4
@@ -46,8 +47,12 @@ class DiffusionModule(LightningModule):
         schedule: a beta schedule name in ddpm.schedules.SCHEDULES ("linear", "cosine").
         timesteps: T, the length of the forward process.
         objective: what the net predicts: "eps" (the paper), "x0" or "v".
-        variance: reverse-process variance, "fixed_small" (beta-tilde) or "fixed_large" (beta).
+        variance: reverse-process variance, "fixed_small" (beta-tilde), "fixed_large" (beta) or
+            "learned_range" (Nichol & Dhariwal 2021; the UNet then outputs twice the channels).
         min_snr_gamma: min-SNR-gamma loss weighting, None for the plain L_simple.
+        vlb_weight: lambda of L_hybrid = L_simple + lambda L_vlb, used with learned_range only.
+        cond_drop_prob: for class-conditional models (model.num_classes), the probability that a label is
+            replaced by the null label in training, so classifier-free guidance can sample (Ho & Salimans 2022).
         optimizer: "adam" (the paper) or "adamw".
         lr: peak learning rate, reached after `warmup_steps` linear steps and then held.
         betas: Adam's (beta1, beta2).
@@ -66,8 +71,10 @@ class DiffusionModule(LightningModule):
         schedule: str = "linear",
         timesteps: int = 1000,
         objective: Literal["eps", "x0", "v"] = "eps",
-        variance: Literal["fixed_small", "fixed_large"] = "fixed_small",
+        variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small",
         min_snr_gamma: float | None = None,
+        vlb_weight: float = 0.001,
+        cond_drop_prob: float = 0.0,
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -94,6 +101,7 @@ class DiffusionModule(LightningModule):
         _check("module.weight_decay", weight_decay, lambda: weight_decay >= 0, "a number >= 0")
         _check("module.warmup_steps", warmup_steps, lambda: warmup_steps >= 0, "an integer >= 0")
         _check("module.sample_every_n_steps", sample_every_n_steps, lambda: sample_every_n_steps >= 0, "an integer >= 0")
+        _check("module.cond_drop_prob", cond_drop_prob, lambda: 0 <= cond_drop_prob < 1, "a number in [0, 1)")
         _check("module.sample_n", sample_n, lambda: sample_n >= 1, "an integer >= 1")
         _check("module.sample_sampler", sample_sampler, lambda: sample_sampler in SAMPLERS, " or ".join(sorted(SAMPLERS)))
         _check(
@@ -102,10 +110,14 @@ class DiffusionModule(LightningModule):
             f"null or an integer in [1, {timesteps}] (schedule.timesteps)",
         )  # fmt: skip
         try:
-            self.unet = UNet(**unet)
             self.diffusion = GaussianDiffusion(
-                make_betas(schedule, timesteps), objective=objective, variance=variance, min_snr_gamma=min_snr_gamma
-            )
+                make_betas(schedule, timesteps), objective=objective, variance=variance,
+                min_snr_gamma=min_snr_gamma, vlb_weight=vlb_weight,
+            )  # fmt: skip
+            unet = dict(unet)
+            if unet.get("out_channels") is None:  # learned_range predicts a variance too: twice the channels
+                unet["out_channels"] = self.diffusion.model_channels(unet.get("in_channels", 3))
+            self.unet = UNet(**unet)
         except ValueError as e:
             raise ConfigError(str(e)) from e
         self.image_shape = (self.unet.in_channels, self.unet.image_size, self.unet.image_size)  # (C, H, W)
@@ -124,8 +136,13 @@ class DiffusionModule(LightningModule):
         """The network's prediction (eps, x0 or v by objective) for x_t (B, C, H, W) at t (B,)."""
         return self.unet(x_t, t, y)
 
-    def _model_kwargs(self, y: Tensor) -> dict[str, Tensor] | None:
-        return {"y": y} if self.conditional else None
+    def _model_kwargs(self, y: Tensor, drop_prob: float = 0.0) -> dict[str, Tensor] | None:
+        """{"y": labels} for a class-conditional net (each replaced by the null label with `drop_prob`), else None."""
+        if not self.conditional:
+            return None
+        if drop_prob > 0:
+            y = torch.where(torch.rand(y.shape, device=y.device) < drop_prob, torch.full_like(y, self.unet.num_classes), y)
+        return {"y": y}
 
     # ---- training --------------------------------------------------------------------------------
 
@@ -133,7 +150,8 @@ class DiffusionModule(LightningModule):
         x0, y = batch  # (B, C, H, W) in [-1, 1], (B,)
         T = self.diffusion.num_timesteps
         t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
-        losses = self.diffusion.training_loss(self.unet, x0, t=t, model_kwargs=self._model_kwargs(y), reduction="none")
+        kwargs = self._model_kwargs(y, self.hparams.cond_drop_prob)
+        losses = self.diffusion.training_loss(self.unet, x0, t=t, model_kwargs=kwargs, reduction="none")
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
         quartile = t * QUARTILES // T  # (B,) in 0..3
@@ -188,22 +206,30 @@ class DiffusionModule(LightningModule):
         labels: Tensor | None = None,
         progress: bool = False,
         generator: torch.Generator | None = None,
+        guidance_scale: float = 1.0,
+        spacing: str | None = None,
     ) -> Tensor:
         """n images (n, C, H, W) in [-1, 1] from this module's weights, deterministic for `seed`
         (or drawn from `generator`, which then replaces the seed, to continue one stream over batches).
 
-        Conditional models get `labels` (n,), by default 0, 1, ..., num_classes - 1 repeated.
+        Conditional models get `labels` (n,), by default 0, 1, ..., num_classes - 1 repeated, and
+        `guidance_scale` s (classifier-free guidance: 0 unconditional, 1 conditional, > 1 stronger).
+        `spacing`: where the `steps` timesteps lie (None: the sampler's default; see ddpm.diffusion.spaced_timesteps).
         """
         device = self.diffusion.betas.device
         if self.conditional and labels is None:
             labels = torch.arange(n, device=device) % self.unet.num_classes
         g = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
+        model = self.unet
+        if self.conditional and guidance_scale != 1.0:
+            model = ClassifierFreeGuidance(self.unet, guidance_scale, self.unet.num_classes, guided_channels=self.image_shape[0])
         was_training = self.unet.training
         self.unet.eval()
         try:
             return self.diffusion.sample(
-                self.unet, (n, *self.image_shape), sampler=sampler, steps=steps, eta=eta, generator=g,
+                model, (n, *self.image_shape), sampler=sampler, steps=steps, eta=eta, generator=g,
                 progress=progress, model_kwargs=None if labels is None else {"y": labels.to(device)}, device=device,
+                spacing=spacing,
             )  # fmt: skip
         finally:
             self.unet.train(was_training)
