@@ -43,3 +43,38 @@ def test_learned_variance_channels_are_not_guided():
         guided = ClassifierFreeGuidance(net, 2.0, null_label=10, guided_channels=1)(x, t, y)
     assert torch.allclose(guided[:, :1], uncond[:, :1] + 2.0 * (cond[:, :1] - uncond[:, :1]), atol=1e-5)
     assert torch.allclose(guided[:, 1:], cond[:, 1:], atol=1e-6)
+
+
+def test_briefly_trained_conditional_model_generates_the_requested_digit():
+    """A tiny conditional UNet trained 300 steps with 20% label dropout (T = 200, cosine), sampled with DDIM-20:
+    the digits classifier agrees with the requested label far above chance (10%), more so with guidance,
+    and at scale 0 (unconditional) no better than chance allows (measured: about 0.09, 0.8, 0.99)."""
+    from ddpm.data import digits_split
+    from ddpm.digits_classifier import load_digits_classifier
+
+    torch.manual_seed(0)
+    images, labels = digits_split("train")
+    diffusion = GaussianDiffusion(make_betas("cosine", 200))
+    net = UNet(image_size=8, in_channels=1, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(), dropout=0.0, norm_groups=8, num_classes=10)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(300):
+        idx = torch.randint(0, len(images), (128,))
+        y = torch.where(torch.rand(128) < 0.2, torch.full((128,), 10), labels[idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = diffusion.training_loss(net, images[idx], model_kwargs={"y": y})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    classifier = load_digits_classifier()
+    wanted = torch.arange(200) % 10
+    accuracy = {}
+    for scale in (0.0, 1.0, 3.0):
+        x = diffusion.sample(ClassifierFreeGuidance(net, scale, null_label=10), (200, 1, 8, 8), sampler="ddim", steps=20,
+                             generator=torch.Generator().manual_seed(0), model_kwargs={"y": wanted})
+        with torch.no_grad():
+            accuracy[scale] = (classifier(x).argmax(1) == wanted).float().mean().item()
+    assert accuracy[0.0] < 0.2  # chance is 0.1; 0.2 is 4.7 binomial standard errors above it at n = 200
+    assert accuracy[1.0] > 0.4
+    assert accuracy[3.0] > max(0.8, accuracy[1.0])
