@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)  ## create .venv and install the package (no work the second time)
 
 demo: $(STAMP)  ## train the default config (digits, CPU, ~5 min) into outputs/runs/demo and sample a grid
-	rm -rf outputs/runs/demo
+	@# an earlier demo run is kept, renamed with its time, never deleted
+	if [ -d outputs/runs/demo ]; then mv outputs/runs/demo outputs/runs/demo.$$(date +%Y%m%d-%H%M%S); fi
 	$(PY) train.py name=demo
 	$(PY) sample.py ckpt=outputs/runs/demo n=64 sampler=ddim steps=50 out_dir=outputs/runs/demo/sample
 	@echo "demo grid: outputs/runs/demo/sample/grid.png (training grids: outputs/runs/demo/samples/)"

@@ -33,8 +33,8 @@ def train(schedule: str, minutes: int, run_dir: Path, extra: list[str]) -> None:
         sys.executable, "train.py", f"schedule={schedule}", f"hydra.run.dir={run_dir}", "logger=csv",
         f"trainer.max_time=00:00:{minutes:02d}:00", "trainer.max_steps=-1",
         "+callbacks.timed._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"+callbacks.timed.dirpath={run_dir}/checkpoints/timed", "+callbacks.timed.filename=minute",
-        "+callbacks.timed.save_top_k=-1", "+callbacks.timed.enable_version_counter=true",
+        f"+callbacks.timed.dirpath={run_dir}/checkpoints/timed", "+callbacks.timed.filename='minute_{step:06d}'",
+        "+callbacks.timed.auto_insert_metric_name=false", "+callbacks.timed.save_top_k=-1",
         "+callbacks.timed.train_time_interval._target_=datetime.timedelta", "+callbacks.timed.train_time_interval.minutes=1",
         *extra,
     ]  # fmt: skip
