@@ -4,7 +4,10 @@
     python sample.py ckpt=path/to/step_003000.ckpt sampler=ddpm steps=null n=16
     python sample.py ckpt=outputs/runs/demo n=1000 batch_size=250 seed=1 out_dir=outputs/fid_samples
 
-Options: conf/sample.yaml (sampler, steps, spacing, eta, guidance_scale, n, batch_size, seed, use_ema, device, out_dir).
+    python sample.py ckpt=outputs/runs/demo n=500 metrics=[fid,kid,bpd]   # + metrics.json and a table
+
+Options: conf/sample.yaml (sampler, steps, spacing, eta, guidance_scale, n, batch_size, seed, use_ema, device, out_dir,
+metrics, metrics_bpd_timesteps, extractor, inception_weights).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import os
 # made small-batch CPU training 25x slower whenever another process was busy (README, "Figures").
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import json
 from pathlib import Path
 
 import hydra
@@ -33,10 +37,12 @@ def _check(key: str, value, ok: bool, accepted: str) -> None:
 
 
 def sample(cfg: DictConfig) -> Path:
-    """Load the checkpoint named by cfg.ckpt, draw cfg.n samples in batches, write samples.npz and grid.png."""
+    """Load the checkpoint named by cfg.ckpt, draw cfg.n samples in batches, write samples.npz and grid.png;
+    with cfg.metrics, score them (metrics.json and a table)."""
     from tqdm.auto import tqdm
 
     from ddpm.data import save_grid
+    from ddpm.evaluation import build_evaluator, run_dir_images, validate_metrics
     from ddpm.module import load_module
     from ddpm.samplers import SAMPLERS
 
@@ -51,6 +57,12 @@ def sample(cfg: DictConfig) -> Path:
     spacings = ("uniform", "trailing", "karras")
     _check("spacing", cfg.spacing, cfg.spacing is None or cfg.spacing in spacings, "null or " + " | ".join(spacings))
     _check("guidance_scale", cfg.guidance_scale, isinstance(cfg.guidance_scale, (int, float)) and cfg.guidance_scale >= 0, "a number >= 0")
+    metrics = cfg.get("metrics") or []
+    _check("metrics", metrics, not isinstance(metrics, (str, int, float, bool)), "a list such as [fid,kid,bpd]")
+    metrics = validate_metrics(list(metrics), key="metrics")
+    extractor = cfg.get("extractor", "digits")
+    _check("extractor", extractor, extractor in ("digits", "inception"), "digits or inception")
+    bpd_t = cfg.get("metrics_bpd_timesteps")
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +76,14 @@ def sample(cfg: DictConfig) -> Path:
     module, ema, step = load_module(path, use_ema=cfg.use_ema, map_location=device)
     T = module.diffusion.num_timesteps
     _check("steps", cfg.steps, cfg.steps is None or (is_int(cfg.steps) and 1 <= cfg.steps <= T), f"null or an integer in [1, {T}] (the checkpoint's T)")
+    _check("metrics_bpd_timesteps", bpd_t, bpd_t is None or (is_int(bpd_t) and 1 <= bpd_t <= T), f"null (all T) or an integer in [1, {T}]")
+    evaluator, val_images = None, None
+    if metrics:  # the reference data and the extractor, before sampling: a missing weights file fails now
+        val_images, train_images, dataset = run_dir_images(path, module.image_shape, key="metrics")
+        evaluator = build_evaluator(
+            val_images, train_images, metrics, extractor=extractor, inception_weights=cfg.get("inception_weights"),
+            dataset=dataset, device=device, batch_size=cfg.batch_size,
+        )  # fmt: skip
     if cfg.use_ema and not ema:
         print("note: the checkpoint has no EMA weights; sampling the live weights")
     print(f"checkpoint: {path} ({'EMA' if ema else 'live'} weights, step {step}), {cfg.sampler} {cfg.steps or T} steps")
@@ -92,7 +112,35 @@ def sample(cfg: DictConfig) -> Path:
     grid = save_grid(x[:GRID_MAX], out_dir / "grid.png")
     print(f"samples: {npz}  {tuple(x.shape)}")
     print(f"grid: {grid}")
+    if metrics:
+        write_metrics(cfg, module, path, x, metrics, evaluator, val_images, bpd_t, extractor, out_dir, device)
     return out_dir
+
+
+def write_metrics(cfg, module, ckpt, x, metrics, evaluator, val_images, bpd_t, extractor, out_dir, device) -> Path:
+    """Score samples x: the SampleEvaluator's metrics and held-out bits/dim; write metrics.json, print the table."""
+    from ddpm.metrics import heldout_bits_per_dim, print_metrics_table
+
+    results: dict = {}
+    if evaluator is not None:
+        results.update(evaluator(x))
+    if "bpd" in metrics:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        with torch.no_grad():
+            results["bpd"] = heldout_bits_per_dim(
+                module.diffusion, module.unet, val_images, batch_size=cfg.batch_size, num_timesteps=bpd_t, generator=generator,
+            )  # fmt: skip
+        results["bpd_n"] = len(val_images)
+        results["bpd_timesteps"] = bpd_t or module.diffusion.num_timesteps
+    results.update(
+        n=cfg.n, sampler=cfg.sampler, steps=cfg.steps or module.diffusion.num_timesteps, ckpt=str(ckpt),
+        extractor=extractor if evaluator is not None else None, metrics=list(metrics),
+    )  # fmt: skip
+    out = out_dir / "metrics.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print_metrics_table(results, title=f"{cfg.n} samples, {cfg.sampler} {results['steps']} steps")
+    print(f"metrics: {out}")
+    return out
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

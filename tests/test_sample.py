@@ -1,6 +1,9 @@
 """sample.py from a checkpoint alone: samples.npz and grid.png, seeded, EMA or live weights, clean errors."""
 from __future__ import annotations
 
+import json
+import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,8 @@ def test_ddpm_sampler_full_chain(ckpt: Path, tmp_path: Path) -> None:
         (["eta=2"], "eta=2"),
         (["sampler=euler"], "sampler='euler'"),
         (["ckpt=/nonexistent/x.ckpt"], "/nonexistent/x.ckpt"),
+        (["metrics=[fid,fud]"], "metrics="),  # checked before anything is sampled
+        (["metrics=[fid]", "extractor=resnet"], "extractor='resnet'"),
     ],
 )
 def test_bad_input_fails_cleanly(ckpt: Path, tmp_path: Path, overrides: list[str], named: str) -> None:
@@ -57,6 +62,28 @@ def test_bad_input_fails_cleanly(ckpt: Path, tmp_path: Path, overrides: list[str
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and named in lines[0], proc.stderr
     assert not (tmp_path / "bad" / "samples.npz").exists()
+
+
+def test_metrics_json(ckpt: Path, tmp_path: Path) -> None:
+    """metrics=[fid,bpd] scores the samples against the run's val split and writes metrics.json beside samples.npz."""
+    out = tmp_path / "m"
+    proc = sample(out, ckpt.parent.parent, "n=16", "metrics=[fid,bpd]", "metrics_bpd_timesteps=10")
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("fid", "fid_floor", "bpd"):
+        assert math.isfinite(m[key]), key
+    assert m["bpd"] > 0 and m["fid"] > m["fid_floor"] > 0  # 8 training steps: far from the data
+    assert m["n"] == m["n_samples"] == 16 and m["n_reference"] == 359 and m["bpd_n"] == 359 and m["bpd_timesteps"] == 10
+    assert m["sampler"] == "ddim" and m["steps"] == 5 and m["ckpt"] == str(ckpt) and "kid" not in m
+    assert (out / "samples.npz").is_file() and "fid_floor" not in proc.stderr and "fid" in proc.stdout  # the table
+
+
+def test_metrics_without_run_dir_fall_back_to_digits(ckpt: Path, tmp_path: Path) -> None:
+    """A checkpoint outside its run dir has no saved config; a 1x8x8 model is then scored against the digits split."""
+    alone = tmp_path / "alone.ckpt"
+    shutil.copy(ckpt, alone)
+    sample(tmp_path / "m", alone, "n=8", "metrics=[kid]")
+    m = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert math.isfinite(m["kid"]) and m["n_reference"] == 359 and "fid" not in m
 
 
 def test_not_a_checkpoint(tmp_path: Path) -> None:

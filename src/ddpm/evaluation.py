@@ -1,0 +1,125 @@
+"""Glue between the metrics (ddpm.metrics) and the framework: reference images from a datamodule or a run dir,
+and a SampleEvaluator built from config values, with one-line ConfigErrors that name the key to fix.
+
+Used by sample.py (`metrics=[fid,kid,bpd]`) and by DiffusionModule during training (`module.eval_every_n_steps`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ddpm.config import ConfigError
+from ddpm.metrics import MetricsSetupError, SampleEvaluator, build_extractor, check_metrics
+
+SAMPLE_METRICS = ("fid", "kid", "confidence", "coverage")  # what SampleEvaluator computes; "bpd" is separate
+
+
+def validate_metrics(names: Iterable[str] | None, key: str = "metrics") -> tuple[str, ...]:
+    """check_metrics, with a ConfigError naming `key` (e.g. `metrics=['fud']: unknown metric(s) fud; choose from ...`)."""
+    names = list(names or [])
+    try:
+        return check_metrics(names)
+    except MetricsSetupError as e:
+        raise ConfigError(f"{key}={names}: {e}") from e
+
+
+def dataset_images(dataset: Dataset) -> Tensor:
+    """All images of a dataset as one float32 tensor (N, C, H, W) in [-1, 1], without random flips."""
+    flip = getattr(dataset, "hflip", None)
+    if flip:
+        dataset.hflip = False  # the reference statistics must not depend on a coin
+    try:
+        images = getattr(dataset, "images", None)
+        if isinstance(images, Tensor):  # TensorImages: no per-item loop
+            return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
+        return torch.stack([dataset[i][0] for i in range(len(dataset))]).float()
+    finally:
+        if flip:
+            dataset.hflip = flip
+
+
+def datamodule_images(datamodule: Any) -> tuple[Tensor, Tensor, str]:
+    """(val images, train images, cache name) of an ImageDataModule, preprocessed as it serves them."""
+    datamodule.setup("fit")
+    if datamodule.val_set is None or len(datamodule.val_set) < 2:
+        raise ConfigError("data.val_fraction: evaluation needs a held-out split of at least 2 images (the FID reference)")
+    spec = datamodule.spec
+    name = f"{datamodule.dataset}-{spec.resolution}px-{spec.channels}ch"
+    return dataset_images(datamodule.val_set), dataset_images(datamodule.train_set), name
+
+
+def run_dir_images(ckpt: Path, image_shape: tuple[int, int, int], key: str = "metrics") -> tuple[Tensor, Tensor, str]:
+    """(val, train, cache name) of the data a checkpoint was trained on.
+
+    From the run's composed config (<run dir>/.hydra/config.yaml, the run dir being the checkpoint's
+    grandparent) when it exists; else, for a 1x8x8 model, the digits split; else a ConfigError.
+    """
+    import hydra
+    from omegaconf import OmegaConf
+
+    config = Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
+    if config.is_file():
+        cfg = OmegaConf.load(config)
+        if "data" in cfg and cfg.data is not None and "_target_" in cfg.data:
+            datamodule = hydra.utils.instantiate(cfg.data)
+            val, train, name = datamodule_images(datamodule)
+            if tuple(val.shape[1:]) != tuple(image_shape):
+                raise ConfigError(
+                    f"{key}: the data in {config} serves {tuple(val.shape[1:])} images but the model makes {tuple(image_shape)}"
+                )
+            return val, train, name
+    if tuple(image_shape) == (1, 8, 8):
+        from ddpm.data import digits_split
+
+        return digits_split("val")[0], digits_split("train")[0], "digits-8px-1ch"
+    raise ConfigError(
+        f"{key}: no {config} to tell which data {ckpt} was trained on (the FID reference); "
+        "pass a checkpoint inside its run dir (<run dir>/checkpoints/*.ckpt)"
+    )
+
+
+def _extractor_options(extractor: str, inception_weights: str | None, key_prefix: str) -> dict[str, Any]:
+    if extractor == "inception":
+        return {"weights": inception_weights, "config_key": f"{key_prefix}inception_weights"}
+    return {}
+
+
+def check_extractor(extractor: str = "digits", inception_weights: str | None = None, key_prefix: str = "") -> None:
+    """Build the feature extractor once and drop it: a ConfigError now if it cannot run (before any run dir fills up)."""
+    try:
+        build_extractor(extractor, **_extractor_options(extractor, inception_weights, key_prefix))
+    except MetricsSetupError as e:
+        raise ConfigError(f"{key_prefix}extractor={extractor}: {e}") from e
+
+
+def build_evaluator(
+    real: Tensor,
+    floor_real: Tensor | None,
+    metrics: Iterable[str],
+    extractor: str = "digits",
+    inception_weights: str | None = None,
+    dataset: str = "digits",
+    device: torch.device | str = "cpu",
+    key_prefix: str = "",
+    **options: Any,
+) -> SampleEvaluator | None:
+    """A SampleEvaluator for the sample metrics among `metrics` (None when there are none).
+
+    Fails at once (ConfigError naming `<key_prefix>extractor` / `<key_prefix>inception_weights`) when the
+    extractor cannot run, e.g. inception without torch-fidelity or its weights file.
+    """
+    sample_metrics = [m for m in metrics if m in SAMPLE_METRICS]
+    if not sample_metrics:
+        return None
+    extractor_options = _extractor_options(extractor, inception_weights, key_prefix)
+    try:
+        return SampleEvaluator(
+            real, floor_real, metrics=sample_metrics, extractor=extractor, extractor_options=extractor_options,
+            dataset=dataset, device=device, **options,
+        )  # fmt: skip
+    except MetricsSetupError as e:
+        raise ConfigError(f"{key_prefix}extractor={extractor}: {e}") from e
