@@ -47,6 +47,11 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     datamodule.setup("fit")  # fail on missing data before the trainer starts
+    if module.hparams.eval_every_n_steps and any(m != "bpd" for m in module.hparams.eval_metrics):
+        from ddpm.evaluation import check_extractor
+
+        # the evaluator itself is built at fit start (rank 0); a missing extractor fails here, before the loggers write
+        check_extractor(module.hparams.eval_extractor, module.hparams.eval_inception_weights, key_prefix="module.eval_")
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") and cfg.logger.get("_target_") else []
     if not loggers:  # logger=none: nothing to monitor the learning rate into

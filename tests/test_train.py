@@ -133,6 +133,26 @@ def test_folder_of_mixed_images_trains(tmp_path: Path) -> None:
     assert c["hyper_parameters"]["unet"]["in_channels"] == 3
 
 
+def test_eval_every_n_steps_logs_val_fid(tmp_path: Path) -> None:
+    """module.eval_every_n_steps scores EMA samples against the val split during training: val/fid and its floor."""
+    run_dir = tmp_path / "run"
+    train(run_dir, "module.eval_every_n_steps=4", "module.eval_n=16", "module.sample_every_n_steps=0")
+    m = metrics(run_dir)
+    for key in ("val/fid", "val/fid_floor"):
+        assert len(m.get(key, [])) == 2 and all(math.isfinite(v) for v in m[key]), key  # steps 4 and 8
+    assert all(fid > floor for fid, floor in zip(m["val/fid"], m["val/fid_floor"]))
+    assert load(run_dir / "checkpoints" / "last.ckpt")["hyper_parameters"]["eval_metrics"] == ["fid"]
+
+
+def test_eval_extractor_unavailable_fails_before_training(tmp_path: Path) -> None:
+    """Without torch-fidelity (CI) or its weights, eval_extractor=inception stops before the loggers write."""
+    proc = train(tmp_path / "run", "module.eval_every_n_steps=4", "module.eval_extractor=inception", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "module.eval_extractor=inception" in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()  # no half-made run dir
+
+
 def test_ddp_two_cpu_processes_write_one_run_dir(tmp_path: Path) -> None:
     """Plain DDP re-launches train.py for rank 1; under Hydra it must reuse rank 0's (timestamped) run dir."""
     run_script(

@@ -3,7 +3,9 @@
 It holds the network (`unet`) and the process (`diffusion`), logs the loss (also per quarter of the
 timesteps), validates with a fixed draw of t and noise, builds Adam/AdamW with a linear warm-up,
 and every `sample_every_n_steps` draws a fixed-seed grid from the EMA weights into
-`<run dir>/samples/step_XXXXXX.png` (and to the logger when it takes images).
+`<run dir>/samples/step_XXXXXX.png` (and to the logger when it takes images). With
+`eval_every_n_steps`, it also scores `eval_n` EMA samples against the held-out split (ddpm.metrics) and
+logs `val/fid`, `val/fid_floor`, ... (and `val/bpd`).
 
 All constructor arguments are plain values and `save_hyperparameters()` stores them, so a checkpoint
 alone rebuilds the model: `DiffusionModule.load_from_checkpoint(path)` (EMA weights when the run had
@@ -63,6 +65,15 @@ class DiffusionModule(LightningModule):
         sample_sampler: sampler for the grid (a name in ddpm.samplers.SAMPLERS).
         sample_steps: sampling steps for the grid (None: all T).
         sample_seed: seed of the grid's noise, fixed so grids are comparable across steps and runs.
+        eval_every_n_steps: every this many optimizer steps, on global rank 0, score
+            `eval_n` samples of the EMA weights (grid sampler and steps) against the datamodule's val split,
+            and log `val/<metric>` and the floors to the loggers (0: never). The evaluator is built at fit start, so a
+            missing extractor fails then.
+        eval_n: samples per evaluation (the FID floor is computed at the same count).
+        eval_metrics: any of fid, kid, confidence, coverage, bpd (ddpm.metrics).
+        eval_extractor: FID/KID features, "digits" or "inception".
+        eval_inception_weights: path of the Inception weights file (None: torch hub's cache).
+        eval_bpd_timesteps: timesteps of the quick held-out bits/dim estimate (None: all T).
     """
 
     def __init__(
@@ -85,6 +96,12 @@ class DiffusionModule(LightningModule):
         sample_sampler: str = "ddim",
         sample_steps: int | None = 50,
         sample_seed: int = 0,
+        eval_every_n_steps: int = 0,
+        eval_n: int = 256,
+        eval_metrics: list[str] | tuple[str, ...] = ("fid",),
+        eval_extractor: str = "digits",
+        eval_inception_weights: str | None = None,
+        eval_bpd_timesteps: int | None = 100,
     ) -> None:
         super().__init__()
         from ddpm import UNet  # lazily: ddpm exposes UNet through __getattr__
@@ -109,6 +126,17 @@ class DiffusionModule(LightningModule):
             lambda: sample_steps is None or (isinstance(sample_steps, int) and 1 <= sample_steps <= timesteps),
             f"null or an integer in [1, {timesteps}] (schedule.timesteps)",
         )  # fmt: skip
+        from ddpm.evaluation import validate_metrics
+
+        _check("module.eval_every_n_steps", eval_every_n_steps, lambda: eval_every_n_steps >= 0, "an integer >= 0")
+        _check("module.eval_n", eval_n, lambda: isinstance(eval_n, int) and eval_n >= 2, "an integer >= 2")
+        _check("module.eval_extractor", eval_extractor, lambda: eval_extractor in ("digits", "inception"), "digits or inception")
+        _check(
+            "module.eval_bpd_timesteps", eval_bpd_timesteps,
+            lambda: eval_bpd_timesteps is None or (isinstance(eval_bpd_timesteps, int) and eval_bpd_timesteps >= 1),
+            "null or an integer >= 1 (capped at schedule.timesteps)",
+        )  # fmt: skip
+        validate_metrics(eval_metrics, key="module.eval_metrics")
         try:
             self.diffusion = GaussianDiffusion(
                 make_betas(schedule, timesteps), objective=objective, variance=variance,
@@ -127,6 +155,9 @@ class DiffusionModule(LightningModule):
         self._q_count = torch.zeros(QUARTILES)
         self._last_grid_step = -1
         self.last_grid_path: Path | None = None
+        self._evaluator: Any = None  # SampleEvaluator, built at fit start (rank 0) when eval_every_n_steps > 0
+        self._eval_val: Tensor | None = None  # held-out images for bpd
+        self._last_eval_step = -1
 
     @property
     def conditional(self) -> bool:
@@ -256,10 +287,73 @@ class DiffusionModule(LightningModule):
         every = self.hparams.sample_every_n_steps
         if every and self.global_step % every == 0:
             self.log_sample_grid()
+        every = self.hparams.eval_every_n_steps
+        if every and self.global_step % every == 0:
+            self.evaluate()
 
     def on_train_end(self) -> None:
         if self.hparams.sample_every_n_steps:
             self.log_sample_grid()
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        """Build the SampleEvaluator once (rank 0) from the datamodule's val (reference) and train (floor) images:
+        a missing extractor or weights file fails here, not at the first evaluation."""
+        hp = self.hparams
+        if not hp.eval_every_n_steps or not self.trainer.is_global_zero:
+            return
+        from ddpm.evaluation import build_evaluator, datamodule_images
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "val_set"):
+            raise ConfigError("module.eval_every_n_steps needs an ImageDataModule (its val split is the reference)")
+        val, train, dataset = datamodule_images(datamodule)
+        self._evaluator = build_evaluator(
+            val, train, list(hp.eval_metrics), extractor=hp.eval_extractor, inception_weights=hp.eval_inception_weights,
+            dataset=dataset, device=self.device, key_prefix="module.eval_",
+        )  # fmt: skip
+        self._eval_val = val if "bpd" in hp.eval_metrics else None
+
+    def evaluate(self) -> dict[str, float]:
+        """Score `eval_n` EMA samples (grid sampler and steps, seed `sample_seed` + 1) and log val/<metric>; rank 0 only."""
+        from ddpm.metrics import heldout_bits_per_dim
+
+        step = self.global_step
+        if step == self._last_eval_step or self.trainer is None or not self.trainer.is_global_zero:
+            return {}
+        self._last_eval_step = step
+        hp = self.hparams
+        ema = self.ema_module()
+        results: dict[str, float] = {}
+        if self._evaluator is not None:
+            with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+                images = torch.cat([
+                    ema.sample(min(256, hp.eval_n - i), hp.sample_sampler, hp.sample_steps, seed=hp.sample_seed + 1 + i)
+                    for i in range(0, hp.eval_n, 256)
+                ])  # fmt: skip
+            results.update(self._evaluator(images.float()))
+        if self._eval_val is not None:  # in float32: the likelihood is no place for bf16
+            with torch.no_grad():
+                g = torch.Generator(device=self.device).manual_seed(hp.sample_seed)
+                was_training = ema.unet.training
+                ema.unet.eval()
+                try:
+                    results["bpd"] = heldout_bits_per_dim(
+                        ema.diffusion, ema.unet, self._eval_val, generator=g,
+                        num_timesteps=None if hp.eval_bpd_timesteps is None else min(hp.eval_bpd_timesteps, ema.diffusion.num_timesteps),
+                    )
+                finally:
+                    ema.unet.train(was_training)
+        logged = {
+            f"val/{k}": float(v) for k, v in results.items() if not k.startswith("n_") and k != "kid_std" and not k.endswith("_floor_std")
+        }  # fmt: skip
+        # Straight to the loggers, once per evaluation (as LearningRateMonitor does): a self.log() from this hook would be
+        # re-emitted at every logging step until the epoch ends. callback_metrics lets ModelCheckpoint monitor val/fid.
+        for logger in self.loggers:
+            logger.log_metrics(logged, step=self.trainer.fit_loop.epoch_loop._batches_that_stepped)
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
+        return results
 
 
 class LoadedCheckpoint(NamedTuple):
