@@ -31,7 +31,8 @@ demo: $(STAMP)  ## train the default config (digits, CPU, ~5 min) into outputs/r
 	@echo "demo grid: outputs/runs/demo/sample/grid.png (training grids: outputs/runs/demo/samples/)"
 
 test: $(STAMP)  ## run the test suite
-	$(PY) -m pytest -q
+	# one thread per process: the tests run small ops, where a second (possibly busy) core only adds waiting
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15
 
 clean:  ## remove the virtual environment
 	rm -rf $(VENV)
