@@ -6,7 +6,9 @@
 
     python sample.py ckpt=outputs/runs/demo n=500 metrics=[fid,kid,bpd]   # + metrics.json and a table
 
-Options: conf/sample.yaml (sampler, steps, spacing, eta, guidance_scale, n, batch_size, seed, use_ema, device, out_dir,
+    python sample.py ckpt=outputs/runs/cond class_label=3 guidance_scale=3   # class-conditional: only 3s
+
+Options: conf/sample.yaml (sampler, steps, spacing, eta, class_label, guidance_scale, n, batch_size, seed, use_ema, device, out_dir,
 metrics, metrics_bpd_timesteps, extractor, inception_weights).
 """
 from __future__ import annotations
@@ -75,6 +77,15 @@ def sample(cfg: DictConfig) -> Path:
     path = resolve_ckpt(cfg.ckpt, key="ckpt")
     module, ema, step = load_module(path, use_ema=cfg.use_ema, map_location=device)
     T = module.diffusion.num_timesteps
+    class_label = cfg.get("class_label")
+    if class_label is not None and not module.conditional:
+        raise ConfigError(f"class_label={class_label!r} is invalid: the checkpoint's model is unconditional (train with model.num_classes=K)")
+    label_cycle = None
+    if module.conditional:
+        K = module.unet.num_classes
+        wanted = list(range(K)) if class_label is None else [class_label] if is_int(class_label) else list(class_label)
+        _check("class_label", class_label, len(wanted) > 0 and all(is_int(k) and 0 <= k < K for k in wanted), f"null (all classes in turn), an integer in [0, {K - 1}] or a list of them")
+        label_cycle = torch.tensor(wanted, device=device)
     _check("steps", cfg.steps, cfg.steps is None or (is_int(cfg.steps) and 1 <= cfg.steps <= T), f"null or an integer in [1, {T}] (the checkpoint's T)")
     _check("metrics_bpd_timesteps", bpd_t, bpd_t is None or (is_int(bpd_t) and 1 <= bpd_t <= T), f"null (all T) or an integer in [1, {T}]")
     evaluator, val_images = None, None
@@ -95,7 +106,7 @@ def sample(cfg: DictConfig) -> Path:
     batches = range(0, cfg.n, cfg.batch_size)
     for start in tqdm(batches, desc="batches", disable=len(batches) == 1):
         b = min(cfg.batch_size, cfg.n - start)
-        y = torch.arange(start, start + b, device=device) % module.unet.num_classes if module.conditional else None
+        y = label_cycle[torch.arange(start, start + b, device=device) % len(label_cycle)] if label_cycle is not None else None
         x = module.sample(
             b, cfg.sampler, cfg.steps, eta=cfg.eta, labels=y, progress=True, generator=generator,
             guidance_scale=cfg.guidance_scale, spacing=cfg.spacing,

@@ -53,6 +53,7 @@ def test_ddpm_sampler_full_chain(ckpt: Path, tmp_path: Path) -> None:
         (["ckpt=/nonexistent/x.ckpt"], "/nonexistent/x.ckpt"),
         (["metrics=[fid,fud]"], "metrics="),  # checked before anything is sampled
         (["metrics=[fid]", "extractor=resnet"], "extractor='resnet'"),
+        (["class_label=3"], "class_label=3"),  # the fixture's model is unconditional
     ],
 )
 def test_bad_input_fails_cleanly(ckpt: Path, tmp_path: Path, overrides: list[str], named: str) -> None:
@@ -103,3 +104,9 @@ def test_conditional_learned_variance_run_samples_labels(tmp_path: Path) -> None
     sample(tmp_path / "out", run_dir, "n=12", "batch_size=5", "guidance_scale=2.0")
     out = np.load(tmp_path / "out" / "samples.npz")
     assert out["samples"].shape == (12, 1, 8, 8) and out["labels"].tolist() == [i % 10 for i in range(12)]
+    sample(tmp_path / "threes", run_dir, "n=4", "class_label=3", "guidance_scale=3")
+    assert np.load(tmp_path / "threes" / "samples.npz")["labels"].tolist() == [3, 3, 3, 3]
+    sample(tmp_path / "pair", run_dir, "n=5", "class_label=[1,7]")
+    assert np.load(tmp_path / "pair" / "samples.npz")["labels"].tolist() == [1, 7, 1, 7, 1]
+    bad = sample(tmp_path / "bad", run_dir, "n=2", "class_label=10", check=False)
+    assert bad.returncode == 2 and "class_label=10" in bad.stderr and "Traceback" not in bad.stderr
