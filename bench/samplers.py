@@ -52,10 +52,15 @@ def main() -> None:
     p.add_argument("--guidance-sampler", default="dpmsolver++")
     p.add_argument("--guidance-nfe", type=int, default=20)
     p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
+    p.add_argument("--skip-fid", action="store_true", help="only the guidance figures")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the plot from an earlier run's JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/samplers.json")
     p.add_argument("--plot", default="docs/samplers_fid.png")
     args = p.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), args.plot)
+        return
     torch.manual_seed(args.seed)
 
     loaded = load_module(resolve_ckpt(args.ckpt))
@@ -75,10 +80,11 @@ def main() -> None:
 
     T = module.diffusion.num_timesteps
     reference_steps = args.reference_steps or T
-    results["fid"].append(score("ddpm", reference_steps, reference_steps))
-    for sampler in args.samplers.split(","):
-        for nfe in (int(v) for v in args.nfe.split(",")):
-            results["fid"].append(score(sampler, nfe, min(steps_for(sampler, nfe), T)))
+    if not args.skip_fid:
+        results["fid"].append(score("ddpm", reference_steps, reference_steps))
+        for sampler in args.samplers.split(","):
+            for nfe in (int(v) for v in args.nfe.split(",")):
+                results["fid"].append(score(sampler, nfe, min(steps_for(sampler, nfe), T)))
 
     if args.guidance:
         if not module.conditional:
@@ -103,6 +109,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
+    if not args.skip_fid:
+        plot(results, args.plot)
+
+
+def plot(results: dict, path: str) -> None:
+    """digits-FID against network evaluations, one line per sampler, with the DDPM reference and the floor."""
     try:
         import matplotlib
 
@@ -112,21 +124,22 @@ def main() -> None:
         print("matplotlib not installed (pip install -e .[bench]): no plot")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    reference = results["fid"][0]
-    for sampler in args.samplers.split(","):
-        rows = [r for r in results["fid"] if r["sampler"] == sampler]
-        ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], marker="o", label=sampler)
+    reference, rows = results["fid"][0], results["fid"][1:]
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        mine = [r for r in rows if r["sampler"] == sampler]
+        ax.plot([r["nfe"] for r in mine], [r["fid"] for r in mine], marker="o", label=sampler)
     ax.axhline(reference["fid"], color="k", ls="--", lw=1, label=f"ddpm, {reference['nfe']} steps")
     ax.axhline(reference["fid_floor"], color="gray", ls=":", lw=1, label="floor (real vs real)")
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("network evaluations per sample")
-    ax.set_ylabel(f"digits-FID (n={args.n})")
-    ax.set_title(f"samplers on digits, step {loaded.global_step}")
+    ax.set_ylabel(f"digits-FID (n={results['n']})")
+    ax.set_title(f"samplers on digits, step {results['global_step']}")
     ax.legend()
     fig.tight_layout()
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=100)
-    print(f"wrote {args.plot}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
