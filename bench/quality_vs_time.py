@@ -43,8 +43,10 @@ def train(schedule: str, minutes: int, run_dir: Path, extra: list[str]) -> None:
 
 
 def timed_checkpoints(run_dir: Path) -> list[Path]:
-    """The per-minute checkpoints in the order they were written (minute 1, 2, ...)."""
-    return sorted((run_dir / "checkpoints" / "timed").glob("minute*.ckpt"), key=lambda p: p.stat().st_mtime)
+    """The per-minute checkpoints in the order they were written (minute 1, 2, ...); the last minute is
+    last.ckpt, written when max_time stops training (the timed callback does not fire at that moment)."""
+    timed = sorted((run_dir / "checkpoints" / "timed").glob("minute*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return [*timed, run_dir / "checkpoints" / "last.ckpt"]
 
 
 def main() -> None:
