@@ -410,7 +410,7 @@ def heldout_bits_per_dim(
 ) -> float:
     """Mean variational bound in bits/dim of held-out images (N, C, H, W) in [-1, 1].
 
-    `GaussianDiffusion.bits_per_dim` per batch; `num_timesteps` = K < T evaluates K evenly spaced terms
+    `GaussianDiffusion.bits_per_dim` per batch; `num_timesteps` = K < T gives its unbiased stratified K-term estimate
     (a quick estimate for monitoring), None all T (the value to report).
     """
     device = diffusion.betas.device
