@@ -3,7 +3,7 @@
 It holds the network (`unet`) and the process (`diffusion`), logs the loss (also per quarter of the
 timesteps), validates with a fixed draw of t and noise, builds Adam/AdamW with a linear warm-up,
 and every `sample_every_n_steps` draws a fixed-seed grid from the EMA weights into
-`<run dir>/samples/step_XXXXXX.png` (and to the logger when it takes images). With
+`<run dir>/samples/step_<6-digit step>.png` (and to the logger when it takes images). With
 `eval_every_n_steps`, it also scores `eval_n` EMA samples against the held-out split (ddpm.metrics) and
 logs `val/fid`, `val/fid_floor`, ... (and `val/bpd`).
 
@@ -266,7 +266,7 @@ class DiffusionModule(LightningModule):
             self.unet.train(was_training)
 
     def log_sample_grid(self) -> Path | None:
-        """Draw the fixed-seed grid from the EMA weights, write samples/step_XXXXXX.png, log it; rank 0 only."""
+        """Draw the fixed-seed grid from the EMA weights, write samples/step_<6-digit step>.png, log it; rank 0 only."""
         step = self.global_step
         if step == self._last_grid_step or self.trainer is None:
             return self.last_grid_path
