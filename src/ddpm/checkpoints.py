@@ -1,0 +1,108 @@
+"""Checkpoint files that survive crashes: atomic writes, and resuming from the newest readable checkpoint.
+
+Lightning writes checkpoints through a CheckpointIO plugin (`Trainer(plugins=[...])`). Its default,
+`TorchCheckpointIO`, goes through an fsspec transaction: a temporary file in the system temp folder, then
+`shutil.move`, which is a copy into the final path (not atomic) when that folder lies on another file
+system, and nothing is fsynced. `AtomicCheckpointIO` writes next to the target and renames instead, so a
+crash (kill -9, power loss, a full disk) leaves either the old file or the new one, never half of one.
+
+`resume_checkpoint` picks what `resume=true` continues from: the newest `*.ckpt` in a run dir's
+checkpoints/ that loads, with a warning for each newer one that does not (truncated, corrupt, not a
+checkpoint).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+
+from ddpm.config import LAST, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Keys every Lightning training checkpoint has; `loops` is what lets fit() continue from it.
+REQUIRED_KEYS = ("state_dict", "global_step", "loops")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO that writes `<dir>/.<name>.partial`, fsyncs it, then renames it over `<dir>/<name>`.
+
+    The partial file has its own name per target, so one left behind by a killed process is overwritten by
+    the next save of that checkpoint; it does not end in `.ckpt`, so neither Lightning nor `resume_checkpoint`
+    takes it for a checkpoint. Remote paths (s3://, gs://, ...) keep Lightning's own upload.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        if os.name == "posix":  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """None when `path` loads as a Lightning training checkpoint, else a short reason why not.
+
+    The tensors are memory-mapped, not read, so this costs little even for large checkpoints; a truncated
+    file fails here because its zip directory (at the end of the file) is missing.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors, ... for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        return f"not a training checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})"
+    return None
+
+
+def newest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The most recently written `*.ckpt` in `ckpt_dir` that loads; a warning names each newer one skipped.
+
+    "Most recent" is the modification time, as Lightning's own `ckpt_path="last"` decides.
+    """
+    files = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in files:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning(f"skipping unreadable checkpoint {path} ({problem}); trying the previous one")
+    return None
+
+
+def resume_checkpoint(source: str | os.PathLike, key: str, hint: str = "") -> Path:
+    """The checkpoint to continue from: `source` itself when it is a file, else the newest readable one
+    in `<source>/checkpoints/`. ConfigError naming `key` (and adding `hint`) when there is none."""
+    source = Path(source)
+    if source.is_file():
+        problem = checkpoint_problem(source)
+        if problem is not None:
+            raise ConfigError(f"{key}={source}: not a readable checkpoint ({problem})")
+        return source
+    if not source.is_dir():
+        raise ConfigError(f"{key}={source}: no such file or run dir")
+    ckpt_dir = source / LAST.parent
+    path = newest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+    if path is None:
+        raise ConfigError(f"{key}: no readable checkpoint in {ckpt_dir}{hint}")
+    return path
