@@ -8,14 +8,24 @@ What `WeightAveraging` does with checkpoints (lightning/pytorch/callbacks/weight
 writes the EMA weights to `state_dict` and the live weights to `current_model_state` (plus
 `averaging_state`), and on resume restores both. So `DiffusionModule.load_from_checkpoint` gives the
 EMA model, and `load_module(path, use_ema=False)` (ddpm.module) the live one.
+
+Faults (README, "Interrupted runs and numerical faults"): `Checkpoint` also saves when Lightning stops on
+SIGTERM (its signal connector raises `SIGTERMException` at the end of the current step) and turns the
+first Ctrl-C into the same stop; `NonFiniteGuard` stops training at a non-finite loss and refuses to save
+a checkpoint whose state is not finite, so the last good checkpoint stays.
 """
 from __future__ import annotations
 
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ddpm.config import ConfigError
@@ -71,11 +81,131 @@ class EMA(WeightAveraging):
 
 
 class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that also saves when fit ends between two `every_n_train_steps` (max_steps, max_time,
-    Ctrl-C), so `last.ckpt` always holds the final state and a resumed run counts on from there."""
+    """ModelCheckpoint that also saves `last.ckpt` when fit ends between two `every_n_train_steps` (max_steps,
+    max_time) and when it is stopped by SIGTERM or Ctrl-C, so `last.ckpt` holds the state at the stop and a
+    resumed run counts on from there.
+
+    SIGTERM: Lightning's signal connector sets `trainer.received_sigterm`; the loop finishes the current step
+    and raises `SIGTERMException`, and `on_exception` saves then (the step is complete, so the state is
+    consistent). The first Ctrl-C (SIGINT) during training is handed to that same SIGTERM handler; a second
+    one raises KeyboardInterrupt at once and saves nothing. Other exceptions save nothing either: a failing
+    run never overwrites the last good checkpoint.
+
+    After the stop, `stop_signal` is the signal (SIGTERM or SIGINT) and `stop_checkpoint` the file that
+    holds the state at the stop (None when the run stopped before its first step).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_signal: signal.Signals | None = None
+        self.stop_checkpoint: str | None = None
+        self._sigint_before: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # a resumed state is on disk already: nothing to save until a step is taken
+        self._last_global_step_saved = trainer.global_step
+        resumed_from = Path(trainer.ckpt_path).resolve().parent if trainer.ckpt_path is not None else None
+        if self.dirpath is not None and resumed_from == Path(self.dirpath).resolve():
+            # resumed from this folder: go on writing its last.ckpt, also when resuming from a step_*.ckpt saved
+            # before the first last.ckpt (Lightning would then write last-v1.ckpt beside it)
+            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            self._sigint_before = signal.signal(signal.SIGINT, lambda signum, frame: self._on_sigint(on_sigterm, frame))
+
+    def _on_sigint(self, on_sigterm: Any, frame: FrameType | None) -> None:
+        self._restore_sigint()  # a second Ctrl-C interrupts at once
+        self.stop_signal = signal.SIGINT
+        on_sigterm(signal.SIGTERM, frame)
+
+    def _restore_sigint(self) -> None:
+        if self._sigint_before is not None:
+            signal.signal(signal.SIGINT, self._sigint_before)
+            self._sigint_before = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
         if not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+        if not isinstance(exception, SIGTERMException):
+            return
+        self.stop_signal = self.stop_signal or signal.SIGTERM
+        if not self._should_skip_saving_checkpoint(trainer):
+            # only last.ckpt, not a step_*.ckpt too: one write within the grace period
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self._last_global_step_saved == trainer.global_step:  # saved now, by this step's periodic save, or resumed here
+            self.stop_checkpoint = self._last_checkpoint_saved or trainer.ckpt_path
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_sigint()
+        super().teardown(trainer, pl_module, stage)
+
+
+NONE = torch.iinfo(torch.int64).max  # NonFiniteGuard's "no non-finite step yet"
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or non-finite weights; the message names the step."""
+
+
+class NonFiniteGuard(Callback):
+    """Stop training at a non-finite (nan or inf) loss, and never let a non-finite state into a checkpoint.
+
+    Each step records on the device whether the loss is finite (no host sync). Every `check_every_n_steps`
+    steps, before the backward pass, the record is read (one sync, and a gather across DDP ranks) and the
+    first non-finite step raises NonFiniteError: with 1, the step whose loss is not finite never reaches
+    the weights. Before every checkpoint save the record and the weights are checked too, whatever
+    `check_every_n_steps` is, so a larger value only delays the stop: a checkpoint is never written from a
+    non-finite state, and `last.ckpt` keeps the last good one. Steps are counted from 1 (step k is the one
+    after which `global_step` is k, as in `step_<k>.ckpt`).
+
+    With 16-mixed precision, the GradScaler already skips optimizer steps whose gradients overflow while
+    the loss stays finite (and lowers its scale); those do not stop the run.
+
+    Args:
+        check_every_n_steps: read the record every this many steps (1: every step; on a GPU a larger value
+            saves a host sync per step).
+    """
+
+    def __init__(self, check_every_n_steps: int = 1) -> None:
+        if not (isinstance(check_every_n_steps, int) and check_every_n_steps >= 1):
+            raise ConfigError(
+                f"callbacks.nonfinite_guard.check_every_n_steps={check_every_n_steps!r} is invalid: expected an integer >= 1"
+            )
+        self.check_every_n_steps = check_every_n_steps
+        # on the device: the first step whose loss was not finite (NONE if none yet), and that loss
+        self._bad_step: torch.Tensor | None = None
+        self._bad_loss: torch.Tensor | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bad_step = torch.tensor(NONE, device=pl_module.device)
+        self._bad_loss = torch.tensor(0.0, device=pl_module.device)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        assert self._bad_step is not None and self._bad_loss is not None
+        step = trainer.global_step + 1
+        loss = loss.detach().float()
+        first_bad = ~torch.isfinite(loss) & (self._bad_step == NONE)  # device ops only: no host sync
+        self._bad_step = torch.where(first_bad, step, self._bad_step)
+        self._bad_loss = torch.where(first_bad, loss, self._bad_loss)
+        if step % self.check_every_n_steps == 0:
+            self._raise_if_recorded(trainer)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._bad_step is not None:
+            self._raise_if_recorded(trainer)
+        if not torch.stack([torch.isfinite(p).all() for p in pl_module.parameters()]).all():
+            raise NonFiniteError(f"non-finite weights at step {trainer.global_step}; not saving them")
+
+    def _raise_if_recorded(self, trainer: pl.Trainer) -> None:
+        steps = trainer.strategy.all_gather(self._bad_step).reshape(-1)  # (ranks,)
+        losses = trainer.strategy.all_gather(self._bad_loss).reshape(-1)
+        first = int(steps.argmin())
+        if int(steps[first]) != NONE:
+            raise NonFiniteError(f"non-finite loss ({float(losses[first])}) at step {int(steps[first])}")
