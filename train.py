@@ -3,14 +3,20 @@
     python train.py                                         # digits on the CPU, a few minutes
     python train.py schedule=cosine model=small             # swap config groups (conf/<group>/<option>.yaml)
     python train.py -m schedule=linear,cosine seed=0,1,2    # a sweep: one run dir per job
-    python train.py name=demo resume=true                   # continue outputs/runs/demo from last.ckpt
+    python train.py name=demo resume=true                   # continue outputs/runs/demo from its newest checkpoint
 
 Each run dir (outputs/runs/<date>/<time>, or outputs/runs/<name>) holds .hydra/ (the composed config),
 checkpoints/ (last.ckpt), samples/ (grid PNGs) and the logger's files.
+
+Exit status: 0 done; 2 a bad config or data (one `error:` line); 3 a non-finite loss stopped training
+(one `error:` line, last.ckpt keeps the last good state); 128 + the signal number when SIGTERM (143) or
+Ctrl-C (130) stopped it after saving last.ckpt (one line naming it). README, "Interrupted runs and numerical faults".
 """
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 # Threads that wait by sleeping, not spinning: on a shared CPU, torch's default spin-waiting OpenMP threads
 # made small-batch CPU training 25x slower whenever another process was busy (README, "Figures").
@@ -23,7 +29,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.config import ConfigError, clean_errors, resolve_ckpt
+from ddpm.config import ConfigError, clean_errors
+
+EXIT_NONFINITE = 3
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -35,13 +43,16 @@ def train(cfg: DictConfig) -> float | None:
     os.environ.setdefault("WANDB_SILENT", "true")
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and cfg.trainer.strategy == "ddp":
         raise ConfigError("hardware.strategy=ddp in a -m sweep re-runs the sweep per rank; use hardware.strategy=ddp_spawn or one device")
+    from ddpm.callbacks import NonFiniteError
+    from ddpm.checkpoints import AtomicCheckpointIO, resume_checkpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     ckpt_path = None
     if cfg.ckpt_path:
-        ckpt_path = resolve_ckpt(cfg.ckpt_path, key="ckpt_path")
+        ckpt_path = resume_checkpoint(cfg.ckpt_path, key="ckpt_path")
     elif cfg.resume:
-        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-            raise ConfigError(f"resume=true: no checkpoints/last.ckpt in {run_dir}; name the run with name=<name> or hydra.run.dir=<run dir>")
-        ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+        hint = "; name the run with name=<name> or hydra.run.dir=<run dir>"
+        ckpt_path = resume_checkpoint(run_dir, key="resume=true", hint=hint)
 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -56,7 +67,9 @@ def train(cfg: DictConfig) -> float | None:
     loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") and cfg.logger.get("_target_") else []
     if not loggers:  # logger=none: nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]  # write-then-rename
+    )
     # the module and data log their own hparams; add the rest of the run's choices
     resolved = OmegaConf.to_container(cfg, resolve=True)
     choices = {key: resolved[key] for key in ("seed", "name", "hardware", "trainer", "callbacks")}
@@ -64,6 +77,20 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(choices)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # SIGTERM or Ctrl-C: ddpm.callbacks.Checkpoint saved at the end of the step
+        stopped = trainer.checkpoint_callback
+        signum = getattr(stopped, "stop_signal", None) or signal.SIGTERM
+        saved = getattr(stopped, "stop_checkpoint", None)
+        if trainer.is_global_zero:
+            where = f"state in {saved}; continue with resume=true" if saved else "no checkpoint written"
+            print(f"stopped by {signum.name} at step {trainer.global_step}: {where}", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    except NonFiniteError as e:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+        if trainer.is_global_zero:
+            kept = f"the last good state is in {last}" if last else "no checkpoint was written"
+            print(f"error: {e}; training stopped, {kept}", file=sys.stderr)
+        raise SystemExit(EXIT_NONFINITE) from None
     finally:
         for logger in loggers:
             if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
