@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveragi
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from ddpm.checkpoints import checkpoint_problem
 from ddpm.config import ConfigError
 
 
@@ -106,10 +107,12 @@ class Checkpoint(ModelCheckpoint):
         # a resumed state is on disk already: nothing to save until a step is taken
         self._last_global_step_saved = trainer.global_step
         resumed_from = Path(trainer.ckpt_path).resolve().parent if trainer.ckpt_path is not None else None
-        if self.dirpath is not None and resumed_from == Path(self.dirpath).resolve():
-            # resumed from this folder: go on writing its last.ckpt, also when resuming from a step_*.ckpt saved
-            # before the first last.ckpt (Lightning would then write last-v1.ckpt beside it)
-            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        if not self.last_model_path and self.dirpath is not None and resumed_from == Path(self.dirpath).resolve():
+            # resumed from a step_*.ckpt saved before this folder's first last.ckpt: Lightning would write last-v1.ckpt
+            # beside any last.ckpt; replace it instead when it holds nothing readable (missing, truncated)
+            last = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+            if checkpoint_problem(last) is not None:
+                self.last_model_path = last
         on_sigterm = signal.getsignal(signal.SIGTERM)
         if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
             self._sigint_before = signal.signal(signal.SIGINT, lambda signum, frame: self._on_sigint(on_sigterm, frame))
