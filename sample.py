@@ -28,7 +28,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ddpm.config import ConfigError, clean_errors, resolve_ckpt
+from ddpm.config import ConfigError, clean_errors, resolve_ckpt, run_cli
 
 GRID_MAX = 256  # grid.png shows at most this many samples; samples.npz holds all n
 
@@ -161,4 +161,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

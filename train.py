@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.config import ConfigError, clean_errors, resolve_ckpt
+from ddpm.config import ConfigError, clean_errors, resolve_ckpt, run_cli
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -85,4 +85,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

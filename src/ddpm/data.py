@@ -20,6 +20,8 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm.schema import ConfigError, check_data
+
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integers 0..16 per pixel
 
 
@@ -85,7 +87,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
 # ---- datasets -------------------------------------------------------------------------------------
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A dataset that cannot be read as configured (missing files, nothing usable); the message says what to fix."""
 
 
@@ -328,16 +330,8 @@ class ImageDataModule(LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise DataError(f"data.dataset={dataset!r} is not known; known datasets: {', '.join(sorted(DATASETS))}")
-        checks = {
-            "resolution": (resolution, isinstance(resolution, int) and resolution >= 1, "an integer >= 1"),
-            "channels": (channels, channels in (1, 3), "1 or 3"),
-            "batch_size": (batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1"),
-            "num_workers": (num_workers, isinstance(num_workers, int) and num_workers >= 0, "an integer >= 0"),
-            "val_fraction": (val_fraction, 0.0 <= val_fraction < 1.0, "a number in [0, 1)"),
-        }
-        for key, (value, ok, accepted) in checks.items():
-            if not ok:
-                raise DataError(f"data.{key}={value!r} is invalid: expected {accepted}")
+        check_data(dict(resolution=resolution, channels=channels, batch_size=batch_size, num_workers=num_workers,
+                        val_fraction=val_fraction, split_seed=split_seed))  # fmt: skip
         self.save_hyperparameters()
         self.spec = DataSpec(root, resolution, channels, hflip, val_fraction, split_seed)
         self.dataset, self.batch_size, self.num_workers, self.pin_memory = dataset, batch_size, num_workers, pin_memory
