@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -43,22 +44,45 @@ def resolve_ckpt(path: str | os.PathLike, key: str = "ckpt") -> Path:
     return p
 
 
+def unreadable_checkpoint(path: Path) -> str | None:
+    """Why `path` cannot be a checkpoint, from its first bytes alone, or None when it may be one.
+
+    torch.save writes a zip archive, so a file cut short has the zip header but not the directory at its end;
+    an older torch wrote a pickle (first byte 0x80).
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        if zipfile.is_zipfile(path):
+            return None
+        return f"truncated: a zip archive without its end, {path.stat().st_size} bytes; an interrupted copy or save?"
+    if head[:1] == b"\x80":
+        return None
+    return "not a PyTorch file; train.py writes checkpoints/last.ckpt and step_*.ckpt"
+
+
 def _first_line(e: BaseException) -> str:
     return " ".join(str(e).strip().split("\n")[0].split()) or type(e).__name__
 
 
-_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "bool": "true or false", "String": "a string"}
 
 
 def _omegaconf_message(e: OmegaConfBaseException, override: str | None = None) -> str:
     """OmegaConf's error as `<key>=<value> is invalid: expected <type>` (wrong type), `<key> is required`, or its first line."""
     key = getattr(e, "full_key", None) or ""
     if isinstance(e, ValidationError) and key:
-        match = re.search(r"could not be converted to (\w+)", str(e))
+        match = re.search(r"(?:could not be converted to|is not a valid) (\w+)", str(e))
         expected = _TYPE_WORDS.get(match.group(1), match.group(1)) if match else _first_line(e)
         if "is not a ListConfig" in str(e) or "Invalid value assigned" in str(e):
             expected = "a list such as [1,2]"
-        value = override.split("=", 1)[1] if override and "=" in override else repr(getattr(e, "value", None))
+        if override and "=" in override:  # as typed: `model.channel_mult=[1,x]`, the element named after
+            typed, value = override.split("=", 1)
+            typed = typed.lstrip("+~")
+            expected += f" at {key}" if typed != key else ""
+            key = typed
+        else:
+            value = repr(getattr(e, "value", None))
         return f"{key}={value} is invalid: expected {expected}"
     if isinstance(e, MissingMandatoryValue) and key:
         return f"{key} is required: set it on the command line ({key}=...)"

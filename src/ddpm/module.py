@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ddpm import GaussianDiffusion, make_betas
 from ddpm.callbacks import EMA
-from ddpm.config import ConfigError
+from ddpm.config import ConfigError, unreadable_checkpoint
 from ddpm.schema import check_module
 from ddpm.data import make_grid, save_grid
 from ddpm.guidance import ClassifierFreeGuidance
@@ -362,7 +362,8 @@ def load_module(path: str | Path, use_ema: bool = True, map_location: str | torc
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # not a torch file, truncated, or pickled objects that weights_only refuses
-        raise ConfigError(f"ckpt={path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from e
+        reason = unreadable_checkpoint(path) or f"{type(e).__name__}: {_first_line(e)}"
+        raise ConfigError(f"ckpt={path}: not a readable checkpoint ({reason})") from e
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt={path}: not a DiffusionModule checkpoint (no hyper_parameters/state_dict)")
     hparams = ckpt["hyper_parameters"]

@@ -278,6 +278,10 @@ def check_train(cfg: DictConfig) -> None:
     check("resume", cfg.resume, isinstance(cfg.resume, bool), "true or false")
     for key in ("name", "ckpt_path"):
         check(key, cfg[key], cfg[key] is None or isinstance(cfg[key], str), "null or a string")
+    if cfg.ckpt_path:
+        from ddpm.config import resolve_ckpt
+
+        resolve_ckpt(cfg.ckpt_path, key="ckpt_path")
     check_data(cfg.data)
     check_module({k: cfg.module[k] for k in cfg.module if not k.startswith("_") and k != "unet"})
     model = cfg.model if _origin(cfg.module, "unet", "") == "model" else cfg.module.unet
@@ -289,7 +293,13 @@ def check_sample(cfg: DictConfig) -> None:
     """sample.py's options that need no checkpoint (`steps` against T and `class_label` against the classes wait for it)."""
     from ddpm.samplers import SAMPLERS
 
+    from ddpm.config import resolve_ckpt, unreadable_checkpoint
+
     _check_required(cfg, {"ckpt": "ckpt=PATH, a checkpoint file or a run dir (outputs/runs/<name>)"})
+    check("ckpt", cfg.ckpt, isinstance(cfg.ckpt, str), "a checkpoint file or a run dir")
+    reason = unreadable_checkpoint(resolve_ckpt(cfg.ckpt, key="ckpt"))
+    if reason:
+        raise ConfigError(f"ckpt={cfg.ckpt}: not a readable checkpoint ({reason})")
     rules: dict[str, tuple[Callable[[Any], bool], str]] = {
         "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
         "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
