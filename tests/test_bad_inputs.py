@@ -56,15 +56,11 @@ CASES = [
     train("levels", "data.resolution=10", "model.channel_mult=[1,2,2]", named=("data.resolution=10", "a multiple of 4")),
     train("norm_groups", "model.norm_groups=5", named=("model.norm_groups=5", "divisor of model.base_channels=16")),
     train("attention", "model.attention_resolutions=[3]", named=("model.attention_resolutions=[3]", "subset of [8, 4]")),
-    train("grid_steps", "module.sample_steps=500", named=("module.sample_steps=500", "[1, 100]")),
-    train("precision", "hardware.precision=bf17", named=("hardware.precision='bf17'", "bf16-mixed")),
-    train("schedule_name", "schedule.name=sigmoid", named=("schedule.name='sigmoid'", "cosine or linear")),
     train("root_required", "data=folder", named=("data.root is required",)),
     Case("sweep_job", "train.py", ("-m", *FAST, "module.lr=-1,1e-3"), named=("module.lr=-1", "expected a number > 0")),
     train("ckpt_path", "ckpt_path={tmp}/none.ckpt", named=("ckpt_path={tmp}/none.ckpt", "no such file")),
     # data
     train("folder_missing", "data=folder", "data.root={tmp}/missing", named=("data.root={tmp}/missing", "no such folder")),
-    train("folder_empty", "data=folder", "data.root={tmp}/empty", named=("data.root={tmp}/empty", "no usable images")),
     train("folder_junk", "data=folder", "data.root={tmp}/junk", named=("data.root={tmp}/junk", "2 file(s) skipped")),
     train("cifar10_batches", "data=cifar10", "data.root={tmp}/empty", named=("data.root={tmp}/empty", "cifar-10-batches-py/{{data_batch_1,")),
     # checkpoints
@@ -77,7 +73,6 @@ CASES = [
     sample("ckpt_weights", "ckpt={tmp}/weights.ckpt", named=("ckpt={tmp}/weights.ckpt", "weights do not match")),
     # sampling options
     sample("n", "ckpt={ckpt}", "n=0", named=("n=0", "expected an integer >= 1")),
-    sample("type_n", "ckpt={ckpt}", "n=abc", named=("n=abc", "expected an integer")),
     sample("steps_zero", "ckpt={ckpt}", "steps=0", named=("steps=0",)),
     sample("steps_above_T", "ckpt={ckpt}", "steps=1000", named=("steps=1000", "[1, 100] (the checkpoint's T)")),
     sample("eta", "ckpt={ckpt}", "eta=2", named=("eta=2", "[0, 1]")),
@@ -158,3 +153,12 @@ def test_bad_value_leaves_an_existing_run_untouched(trained_run: Path, tmp_path:
     proc = run_script("train.py", *FAST, f"hydra.run.dir={run}", "resume=true", "module.lr=-1", check=False)
     assert proc.returncode == 2 and "module.lr=-1" in proc.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_failed_run_removes_only_its_own_dir(tmp_path: Path) -> None:
+    """A run that fails at start-up removes the run dir Hydra made, never the (empty) folder of the user's above it."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    proc = run_script("train.py", *FAST, f"hydra.run.dir={mine / 'run'}", "data=folder", f"data.root={tmp_path / 'nowhere'}", check=False)
+    assert proc.returncode == 2 and "no such folder" in proc.stderr
+    assert mine.is_dir() and not (mine / "run").exists()

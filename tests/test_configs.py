@@ -138,6 +138,9 @@ def test_schemas_convert_values(tmp_path: Path) -> None:
         (["hardware.devices=[]"], "hardware.devices=[]"),
         (["trainer.precision=8"], "trainer.precision=8"),
         (["resume=maybe"], "resume='maybe'"),
+        (["schedule.name=sigmoid"], "schedule.name='sigmoid'"),
+        (["hardware.precision=bf17"], "hardware.precision='bf17'"),
+        (["seed=-1"], "seed=-1"),
     ],
 )
 def test_check_train_names_the_key(overrides: list[str], named: str, tmp_path: Path) -> None:

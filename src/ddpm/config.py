@@ -194,7 +194,8 @@ def run_cli(main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` entry point so that a bad config ends in one `error:` line and exit status 2.
 
     Hydra prints its own multi-line report (or a traceback) for errors raised while it composes the config
-    or runs the callbacks; with HYDRA_FULL_ERROR=1 it raises them instead, and this turns them into one line.
+    (an unknown option or key, a wrong type, bad syntax); with HYDRA_FULL_ERROR=1 it raises them instead, and
+    this turns them into one line.
     Bugs still show their traceback; so does everything when the user sets HYDRA_FULL_ERROR=1.
     """
     if _full_error():

@@ -175,15 +175,15 @@ def check_model(unet: Mapping[str, Any], image_key: str = "data.resolution", cha
     (channel_mult halves it len - 1 times), widths against norm_groups, attention sizes among the levels."""
     u = dict(unet)
     positive = {image_key: u.get("image_size"), channels_key: u.get("in_channels")}
-    positive.update({f"model.{k}": u.get(k) for k in ("base_channels", "num_res_blocks", "norm_groups") if k in u})
+    positive.update({f"model.{k}": u.get(k) for k in ("base_channels", "num_res_blocks", "norm_groups", "num_heads") if k in u})
     for key, value in positive.items():
         check(key, value, lambda: _is_int(value) and value >= 1, "an integer >= 1")
     mult = u.get("channel_mult")
     check("model.channel_mult", mult, lambda: len(mult) >= 1 and all(_is_int(m) and m >= 1 for m in mult), "a non-empty list of integers >= 1")
     size, factor = u["image_size"], 2 ** (len(mult) - 1)
-    check(image_key, size, size % factor == 0, f"a multiple of {factor}: model.channel_mult={list(mult)} halves it {len(mult) - 1} time(s)")
+    check(image_key, size, lambda: size % factor == 0, f"a multiple of {factor}: model.channel_mult={list(mult)} halves it {len(mult) - 1} time(s)")
     groups, base = u.get("norm_groups", 32), u.get("base_channels")
-    check("model.norm_groups", groups, base % groups == 0, f"a divisor of model.base_channels={base} (GroupNorm splits every width base_channels x mult into groups)")
+    check("model.norm_groups", groups, lambda: base % groups == 0, f"a divisor of model.base_channels={base} (GroupNorm splits every width base_channels x mult into groups)")
     levels = [size // 2**i for i in range(len(mult))]
     attn = u.get("attention_resolutions") or []
     check("model.attention_resolutions", attn, lambda: all(r in levels for r in attn), f"sizes the UNet visits at {image_key}={size}: a subset of {levels}")
