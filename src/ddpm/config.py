@@ -61,7 +61,8 @@ def unreadable_checkpoint(path: Path) -> str | None:
     return "not a PyTorch file; train.py writes checkpoints/last.ckpt and step_*.ckpt"
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, whitespace collapsed (its type name when the message is empty)."""
     return " ".join(str(e).strip().split("\n")[0].split()) or type(e).__name__
 
 
@@ -73,7 +74,7 @@ def _omegaconf_message(e: OmegaConfBaseException, override: str | None = None) -
     key = getattr(e, "full_key", None) or ""
     if isinstance(e, ValidationError) and key:
         match = re.search(r"(?:could not be converted to|is not a valid) (\w+)", str(e))
-        expected = _TYPE_WORDS.get(match.group(1), match.group(1)) if match else _first_line(e)
+        expected = _TYPE_WORDS.get(match.group(1), match.group(1)) if match else first_line(e)
         if "is not a ListConfig" in str(e) or "Invalid value assigned" in str(e):
             expected = "a list such as [1,2]"
         if override and "=" in override:  # as typed: `model.channel_mult=[1,x]`, the element named after
@@ -86,7 +87,7 @@ def _omegaconf_message(e: OmegaConfBaseException, override: str | None = None) -
         return f"{key}={value} is invalid: expected {expected}"
     if isinstance(e, MissingMandatoryValue) and key:
         return f"{key} is required: set it on the command line ({key}=...)"
-    line = _first_line(e)
+    line = first_line(e)
     return f"{line} ({key})" if key and key not in line else line
 
 
@@ -98,9 +99,9 @@ def _hydra_message(e: BaseException) -> str | None:
         group, _, option = e.missing_cfg_file.rpartition("/")
         if group and e.options:
             return f"{group}={option}: no such option; available: {', '.join(e.options)}"
-        return _first_line(e)
+        return first_line(e)
     if isinstance(e, OverrideParseException):
-        return f"{e.override}: not an override Hydra can parse ({_first_line(e)}); the form is key=value"
+        return f"{e.override}: not an override Hydra can parse ({first_line(e)}); the form is key=value"
     if isinstance(e, ConfigCompositionException):
         match = re.search(r"(?:Could not override|Error merging override) '?([^'\s]+)'?", str(e))
         override = match.group(1) if match else None
@@ -110,7 +111,7 @@ def _hydra_message(e: BaseException) -> str | None:
             return f"{key}: no such key{_suggest(key, getattr(cause, 'parent_node', None))}; `--cfg job` lists the keys"
         if isinstance(cause, OmegaConfBaseException):
             return _omegaconf_message(cause, override)
-        return _first_line(e)
+        return first_line(e)
     return None
 
 
@@ -142,7 +143,7 @@ def user_error_message(e: BaseException) -> str | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, ConfigError):  # ddpm.data.DataError included
-            return _first_line(e)
+            return first_line(e)
         hydra_line = _hydra_message(e)
         if hydra_line is not None:
             return hydra_line
@@ -152,7 +153,7 @@ def user_error_message(e: BaseException) -> str | None:
             match = re.search(r"full_key: (\S+)", str(e))
             node = match.group(1) if match else node
         elif _is_misconfiguration(e) or (node and isinstance(e, (ValueError, TypeError))):
-            return f"{node}: {_first_line(e)}" if node else _first_line(e)
+            return f"{node}: {first_line(e)}" if node else first_line(e)
         e = e.__cause__ or e.__context__
     return None
 

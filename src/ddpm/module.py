@@ -23,11 +23,10 @@ from torch import Tensor
 
 from ddpm import GaussianDiffusion, make_betas
 from ddpm.callbacks import EMA
-from ddpm.config import ConfigError, unreadable_checkpoint
-from ddpm.schema import check_module
+from ddpm.config import ConfigError, first_line, unreadable_checkpoint
 from ddpm.data import make_grid, save_grid
 from ddpm.guidance import ClassifierFreeGuidance
-from ddpm.samplers import SAMPLERS
+from ddpm.schema import check_module
 
 QUARTILES = 4
 
@@ -344,11 +343,6 @@ class LoadedCheckpoint(NamedTuple):
     global_step: int
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def load_module(path: str | Path, use_ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild a DiffusionModule from a checkpoint file alone, with its EMA weights or (use_ema=False) the live ones.
 
@@ -362,7 +356,7 @@ def load_module(path: str | Path, use_ema: bool = True, map_location: str | torc
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # not a torch file, truncated, or pickled objects that weights_only refuses
-        reason = unreadable_checkpoint(path) or f"{type(e).__name__}: {_first_line(e)}"
+        reason = unreadable_checkpoint(path) or f"{type(e).__name__}: {first_line(e)}"
         raise ConfigError(f"ckpt={path}: not a readable checkpoint ({reason})") from e
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt={path}: not a DiffusionModule checkpoint (no hyper_parameters/state_dict)")
@@ -373,7 +367,7 @@ def load_module(path: str | Path, use_ema: bool = True, map_location: str | torc
         params = inspect.signature(DiffusionModule).parameters
         unknown = sorted(set(hparams) - set(params)) if isinstance(hparams, dict) else []
         needed = sorted(n for n, p in params.items() if p.default is p.empty and n not in (hparams if isinstance(hparams, dict) else {}))
-        detail = f"unknown hyperparameter(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(needed)}" if needed else _first_line(e)
+        detail = f"unknown hyperparameter(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(needed)}" if needed else first_line(e)
         raise ConfigError(f"ckpt={path}: made by an incompatible version of ddpm ({detail}); sample it with that version") from e
     has_ema = "current_model_state" in ckpt
     state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
