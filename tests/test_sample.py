@@ -4,11 +4,16 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
-from conftest import run_script
+from conftest import ROOT, run_script
+from ddpm.schema import ConfigError, check_sample
 
 
 def sample(out_dir: Path, ckpt: Path, *overrides: str, check: bool = True):
@@ -79,3 +84,28 @@ def test_conditional_learned_variance_run_samples_labels(tmp_path: Path) -> None
     assert np.load(tmp_path / "pair" / "samples.npz")["labels"].tolist() == [1, 7, 1, 7, 1]
     bad = sample(tmp_path / "bad", run_dir, "n=2", "class_label=10", check=False)
     assert bad.returncode == 2 and "class_label=10" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("guidance_scale=-0.5", "guidance_scale=-0.5 is invalid: expected a number >= 0"),
+        ("spacing=log", "spacing='log' is invalid: expected null or uniform | trailing | karras"),
+        ("class_label=-1", "class_label=-1 is invalid: expected null, an integer >= 0 or a non-empty list of them"),
+        ("class_label=[]", "class_label=[] is invalid"),
+        ("batch_size=0", "batch_size=0 is invalid: expected an integer >= 1"),
+        ("metrics_bpd_timesteps=0", "metrics_bpd_timesteps=0 is invalid"),
+        ("extractor=resnet", "extractor='resnet' is invalid: expected digits or inception"),
+    ],
+)
+def test_check_sample_names_the_key(override: str, named: str, tmp_path: Path) -> None:
+    """sample.py's options are checked before the checkpoint loads (the Validate callback runs check_sample)."""
+    ckpt = tmp_path / "x.ckpt"
+    with zipfile.ZipFile(ckpt, "w") as z:  # passes the file pre-check: a complete zip archive
+        z.writestr("data.pkl", b"")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={ckpt}", override])
+    with pytest.raises(ConfigError) as e:
+        check_sample(cfg)
+    assert str(e.value).startswith(named), str(e.value)
