@@ -147,3 +147,15 @@ def test_check_train_names_the_key(overrides: list[str], named: str, tmp_path: P
     with pytest.raises(ConfigError) as e:
         check_train(compose_train(overrides, tmp_path))
     assert str(e.value).startswith(named + " is invalid: expected "), str(e.value)
+
+
+def test_unknown_key_in_a_yaml_file_is_named_with_its_file(tmp_path: Path) -> None:
+    """A typo inside a group's YAML (here a user's experiment overlay) is caught by the group's schema and reported
+    with the key, a suggestion and the file."""
+    from hydra.errors import ConfigCompositionException
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\ndata:\n  batch_szie: 8\n")
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_train([f"hydra.searchpath=[file://{tmp_path}]", "experiment=typo"], tmp_path)
+    assert user_error_message(e.value).startswith("data.batch_szie: no such key (did you mean data.batch_size?) (in experiment/typo.yaml)")

@@ -105,10 +105,12 @@ def _hydra_message(e: BaseException) -> str | None:
     if isinstance(e, ConfigCompositionException):
         match = re.search(r"(?:Could not override|Error merging override) '?([^'\s]+)'?", str(e))
         override = match.group(1) if match else None
-        cause = e.__cause__
-        if "not in struct" in str(cause) or "not in '" in str(cause):
+        cause = e.__cause__ or e.__context__
+        if "not in struct" in str(cause) or "not in '" in str(cause):  # from an override, or a key in a YAML file
             key = getattr(cause, "full_key", None) or override or ""
-            return f"{key}: no such key{_suggest(key, getattr(cause, 'parent_node', None))}; `--cfg job` lists the keys"
+            where = re.match(r"In '([^']+)'", str(e))
+            origin = f" (in {where.group(1)}.yaml)" if where else ""
+            return f"{key}: no such key{_suggest(key, getattr(cause, 'parent_node', None))}{origin}; `--cfg job` lists the keys"
         if isinstance(cause, OmegaConfBaseException):
             return _omegaconf_message(cause, override)
         return first_line(e)
