@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, List, Mapping, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
@@ -278,10 +279,8 @@ def check_train(cfg: DictConfig) -> None:
     check("resume", cfg.resume, isinstance(cfg.resume, bool), "true or false")
     for key in ("name", "ckpt_path"):
         check(key, cfg[key], cfg[key] is None or isinstance(cfg[key], str), "null or a string")
-    if cfg.ckpt_path:
-        from ddpm.config import resolve_ckpt
-
-        resolve_ckpt(cfg.ckpt_path, key="ckpt_path")
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().exists():  # which checkpoint in it: train.py decides
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file or run dir")
     check_data(cfg.data)
     check_module({k: cfg.module[k] for k in cfg.module if not k.startswith("_") and k != "unet"})
     model = cfg.model if _origin(cfg.module, "unet", "") == "model" else cfg.module.unet
