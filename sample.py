@@ -28,14 +28,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ddpm.config import ConfigError, clean_errors, resolve_ckpt
+from ddpm.config import ConfigError, clean_errors, resolve_ckpt, run_cli
+from ddpm.schema import check, check_sample
 
 GRID_MAX = 256  # grid.png shows at most this many samples; samples.npz holds all n
-
-
-def _check(key: str, value, ok: bool, accepted: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {accepted}")
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -46,24 +42,14 @@ def sample(cfg: DictConfig) -> Path:
     from ddpm.data import save_grid
     from ddpm.evaluation import build_evaluator, run_dir_images, validate_metrics
     from ddpm.module import load_module
-    from ddpm.samplers import SAMPLERS
 
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    _check("n", cfg.n, is_int(cfg.n) and cfg.n >= 1, "an integer >= 1")
-    _check("batch_size", cfg.batch_size, is_int(cfg.batch_size) and cfg.batch_size >= 1, "an integer >= 1")
-    _check("sampler", cfg.sampler, cfg.sampler in SAMPLERS, " or ".join(sorted(SAMPLERS)))
-    _check("eta", cfg.eta, isinstance(cfg.eta, (int, float)) and 0 <= cfg.eta <= 1, "a number in [0, 1]")
-    _check("seed", cfg.seed, is_int(cfg.seed), "an integer")
-    spacings = ("uniform", "trailing", "karras")
-    _check("spacing", cfg.spacing, cfg.spacing is None or cfg.spacing in spacings, "null or " + " | ".join(spacings))
-    _check("guidance_scale", cfg.guidance_scale, isinstance(cfg.guidance_scale, (int, float)) and cfg.guidance_scale >= 0, "a number >= 0")
+    check_sample(cfg)  # also run by the Validate callback before Hydra makes out_dir; here for callers of sample()
     metrics = cfg.get("metrics") or []
-    _check("metrics", metrics, not isinstance(metrics, (str, int, float, bool)), "a list such as [fid,kid,bpd]")
     metrics = validate_metrics(list(metrics), key="metrics")
     extractor = cfg.get("extractor", "digits")
-    _check("extractor", extractor, extractor in ("digits", "inception"), "digits or inception")
     bpd_t = cfg.get("metrics_bpd_timesteps")
     device = cfg.device
     if device == "auto":
@@ -84,10 +70,10 @@ def sample(cfg: DictConfig) -> Path:
     if module.conditional:
         K = module.unet.num_classes
         wanted = list(range(K)) if class_label is None else [class_label] if is_int(class_label) else list(class_label)
-        _check("class_label", class_label, len(wanted) > 0 and all(is_int(k) and 0 <= k < K for k in wanted), f"null (all classes in turn), an integer in [0, {K - 1}] or a list of them")
+        check("class_label", class_label, len(wanted) > 0 and all(is_int(k) and 0 <= k < K for k in wanted), f"null (all classes in turn), an integer in [0, {K - 1}] or a list of them")
         label_cycle = torch.tensor(wanted, device=device)
-    _check("steps", cfg.steps, cfg.steps is None or (is_int(cfg.steps) and 1 <= cfg.steps <= T), f"null or an integer in [1, {T}] (the checkpoint's T)")
-    _check("metrics_bpd_timesteps", bpd_t, bpd_t is None or (is_int(bpd_t) and 1 <= bpd_t <= T), f"null (all T) or an integer in [1, {T}]")
+    check("steps", cfg.steps, cfg.steps is None or (is_int(cfg.steps) and 1 <= cfg.steps <= T), f"null or an integer in [1, {T}] (the checkpoint's T)")
+    check("metrics_bpd_timesteps", bpd_t, bpd_t is None or (is_int(bpd_t) and 1 <= bpd_t <= T), f"null (all T) or an integer in [1, {T}]")
     evaluator, val_images = None, None
     if metrics:  # the reference data and the extractor, before sampling: a missing weights file fails now
         val_images, train_images, dataset = run_dir_images(path, module.image_shape, key="metrics")
@@ -161,4 +147,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

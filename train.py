@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.config import ConfigError, clean_errors
+from ddpm.config import ConfigError, clean_errors, run_cli
 
 EXIT_NONFINITE = 3
 
@@ -112,4 +112,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,9 +9,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-import ddpm.config  # noqa: F401  (registers the ${or:...} resolver the YAML uses)
+from ddpm.config import user_error_message  # importing ddpm.config registers the ${or:...} resolver and the schemas
 from conftest import ROOT
 from ddpm.module import DiffusionModule
+from ddpm.schema import ConfigError, check_train
 
 CONF = ROOT / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in sorted(CONF.iterdir()) if g.is_dir()}
@@ -61,6 +62,7 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
     if group == "data" and option == "folder":
         overrides += [f"data.root={tmp_path}"]
     cfg = compose_train(overrides, tmp_path)
+    check_train(cfg)  # the Validate callback's checks accept every shipped option
     module = instantiate_all(cfg)
     # geometry comes from one place: the data's resolution and channels
     assert module.image_shape == (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
@@ -95,3 +97,65 @@ def test_sample_config_composes() -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("sample", overrides=["ckpt=x.ckpt"])
     assert {"ckpt", "sampler", "steps", "eta", "n", "batch_size", "seed", "use_ema", "device", "out_dir"} <= set(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=1.5", "data.batch_size=1.5 is invalid: expected an integer"),
+        ("model.channel_mult=[1,x]", "model.channel_mult=[1,x] is invalid: expected an integer at model.channel_mult[1]"),
+        ("schedule.timesteps=abc", "schedule.timesteps=abc is invalid: expected an integer"),
+        ("model.dropout=high", "model.dropout=high is invalid: expected a number"),
+        ("data.hflip=maybe", "data.hflip=maybe is invalid: expected true or false"),
+    ],
+)
+def test_group_schemas_reject_wrong_types_at_compose(override: str, message: str, tmp_path: Path) -> None:
+    """The schema of each group (ddpm.schema, group `schema` in the ConfigStore) types its keys while Hydra composes;
+    what the user reads is one line with the key, the value and the type."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_train([override], tmp_path)
+    assert user_error_message(e.value) == message
+
+
+def test_schemas_convert_values(tmp_path: Path) -> None:
+    """Typed keys convert what the command line gives: an integer where a float is expected, quoted numbers."""
+    cfg = compose_train(["model.dropout=0", "data.batch_size='16'"], tmp_path)
+    assert isinstance(cfg.model.dropout, float) and cfg.data.batch_size == 16
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["module.warmup_steps=-1"], "module.warmup_steps=-1"),
+        (["module.variance=wide"], "module.variance='wide'"),
+        (["module.sample_steps=101", "schedule.timesteps=100"], "module.sample_steps=101"),
+        (["model.dropout=1.0"], "model.dropout=1.0"),
+        (["model.image_size=10", "model.channel_mult=[1,2,2]"], "model.image_size=10"),  # named where it was set
+        (["data.channels=3", "model.in_channels=0"], "model.in_channels=0"),
+        (["trainer.val_check_interval=0"], "trainer.val_check_interval=0"),
+        (["hardware.devices=[]"], "hardware.devices=[]"),
+        (["trainer.precision=8"], "trainer.precision=8"),
+        (["resume=maybe"], "resume='maybe'"),
+        (["schedule.name=sigmoid"], "schedule.name='sigmoid'"),
+        (["hardware.precision=bf17"], "hardware.precision='bf17'"),
+        (["seed=-1"], "seed=-1"),
+    ],
+)
+def test_check_train_names_the_key(overrides: list[str], named: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        check_train(compose_train(overrides, tmp_path))
+    assert str(e.value).startswith(named + " is invalid: expected "), str(e.value)
+
+
+def test_unknown_key_in_a_yaml_file_is_named_with_its_file(tmp_path: Path) -> None:
+    """A typo inside a group's YAML (here a user's experiment overlay) is caught by the group's schema and reported
+    with the key, a suggestion and the file."""
+    from hydra.errors import ConfigCompositionException
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\ndata:\n  batch_szie: 8\n")
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_train([f"hydra.searchpath=[file://{tmp_path}]", "experiment=typo"], tmp_path)
+    assert user_error_message(e.value).startswith("data.batch_szie: no such key (did you mean data.batch_size?) (in experiment/typo.yaml)")

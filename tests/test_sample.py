@@ -1,15 +1,19 @@
-"""sample.py from a checkpoint alone: samples.npz and grid.png, seeded, EMA or live weights, clean errors."""
+"""sample.py from a checkpoint alone: samples.npz and grid.png, seeded, EMA or live weights (bad input: test_bad_inputs.py)."""
 from __future__ import annotations
 
 import json
 import math
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
-from conftest import run_script
+from conftest import ROOT, run_script
+from ddpm.schema import ConfigError, check_sample
 
 
 def sample(out_dir: Path, ckpt: Path, *overrides: str, check: bool = True):
@@ -42,29 +46,6 @@ def test_ddpm_sampler_full_chain(ckpt: Path, tmp_path: Path) -> None:
     assert np.load(tmp_path / "d" / "samples.npz")["samples"].shape == (2, 1, 8, 8)
 
 
-@pytest.mark.parametrize(
-    "overrides, named",
-    [
-        (["n=0"], "n=0"),
-        (["batch_size=0"], "batch_size=0"),
-        (["steps=1000"], "steps=1000"),  # debug=fast trains with T = 100
-        (["eta=2"], "eta=2"),
-        (["sampler=euler"], "sampler='euler'"),
-        (["ckpt=/nonexistent/x.ckpt"], "/nonexistent/x.ckpt"),
-        (["metrics=[fid,fud]"], "metrics="),  # checked before anything is sampled
-        (["metrics=[fid]", "extractor=resnet"], "extractor='resnet'"),
-        (["class_label=3"], "class_label=3"),  # the fixture's model is unconditional
-    ],
-)
-def test_bad_input_fails_cleanly(ckpt: Path, tmp_path: Path, overrides: list[str], named: str) -> None:
-    proc = sample(tmp_path / "bad", ckpt, *overrides, check=False)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and named in lines[0], proc.stderr
-    assert not (tmp_path / "bad" / "samples.npz").exists()
-
-
 def test_metrics_json(ckpt: Path, tmp_path: Path) -> None:
     """metrics=[fid,bpd] scores the samples against the run's val split and writes metrics.json beside samples.npz."""
     out = tmp_path / "m"
@@ -87,13 +68,6 @@ def test_metrics_without_run_dir_fall_back_to_digits(ckpt: Path, tmp_path: Path)
     assert math.isfinite(m["kid"]) and m["n_reference"] == 359 and "fid" not in m
 
 
-def test_not_a_checkpoint(tmp_path: Path) -> None:
-    bogus = tmp_path / "bogus.ckpt"
-    bogus.write_text("hello")
-    proc = sample(tmp_path / "out", bogus, check=False)
-    assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
-
-
 def test_conditional_learned_variance_run_samples_labels(tmp_path: Path) -> None:
     """A class-conditional net with label dropout and learned_range variance trains, and sample.py writes
     its labels (0..9 repeated) next to the samples, with classifier-free guidance."""
@@ -110,3 +84,28 @@ def test_conditional_learned_variance_run_samples_labels(tmp_path: Path) -> None
     assert np.load(tmp_path / "pair" / "samples.npz")["labels"].tolist() == [1, 7, 1, 7, 1]
     bad = sample(tmp_path / "bad", run_dir, "n=2", "class_label=10", check=False)
     assert bad.returncode == 2 and "class_label=10" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("guidance_scale=-0.5", "guidance_scale=-0.5 is invalid: expected a number >= 0"),
+        ("spacing=log", "spacing='log' is invalid: expected null or uniform | trailing | karras"),
+        ("class_label=-1", "class_label=-1 is invalid: expected null, an integer >= 0 or a non-empty list of them"),
+        ("class_label=[]", "class_label=[] is invalid"),
+        ("batch_size=0", "batch_size=0 is invalid: expected an integer >= 1"),
+        ("metrics_bpd_timesteps=0", "metrics_bpd_timesteps=0 is invalid"),
+        ("extractor=resnet", "extractor='resnet' is invalid: expected digits or inception"),
+    ],
+)
+def test_check_sample_names_the_key(override: str, named: str, tmp_path: Path) -> None:
+    """sample.py's options are checked before the checkpoint loads (the Validate callback runs check_sample)."""
+    ckpt = tmp_path / "x.ckpt"
+    with zipfile.ZipFile(ckpt, "w") as z:  # passes the file pre-check: a complete zip archive
+        z.writestr("data.pkl", b"")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={ckpt}", override])
+    with pytest.raises(ConfigError) as e:
+        check_sample(cfg)
+    assert str(e.value).startswith(named), str(e.value)

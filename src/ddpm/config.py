@@ -1,32 +1,35 @@
 """Config plumbing for the Hydra entry points: resolvers, checkpoint paths, and one-line errors.
 
-Importing this module registers the OmegaConf resolvers the YAML files use:
+Importing this module registers the OmegaConf resolvers the YAML files use and the config schemas
+(ddpm.schema):
 - `${or:A,B}`: A unless it is null or empty, else B (run dirs: `outputs/runs/${or:${name},<date>/<time>}`).
 
-`clean_errors()` wraps an entry point so that a bad value or a missing file ends the process with one
-line on stderr (`error: <key>=<value> ...`) and exit status 2 instead of a traceback; set
-HYDRA_FULL_ERROR=1 to see the traceback.
+A bad value or a missing file ends the process with one line on stderr (`error: <key>=<value> ...`) and exit
+status 2 instead of a traceback: `run_cli(main)` does it for what Hydra raises while composing (an unknown
+option or key, a wrong type) and for the ddpm.schema checks; `clean_errors()` for what the task raises (data,
+checkpoints) and removes the run dir it leaves empty. Set HYDRA_FULL_ERROR=1 to see the traceback.
 """
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from ddpm.schema import ConfigError
 
 OmegaConf.register_new_resolver("or", lambda a, b: b if a in (None, "") else a, replace=True)
 
 LAST = Path("checkpoints") / "last.ckpt"
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key, the value and what is accepted."""
+_ONE_LINE = "DDPM_ONE_LINE_ERRORS"  # set by run_cli: HYDRA_FULL_ERROR=1 is ours, not the user's
 
 
 def resolve_ckpt(path: str | os.PathLike, key: str = "ckpt") -> Path:
@@ -41,53 +44,175 @@ def resolve_ckpt(path: str | os.PathLike, key: str = "ckpt") -> Path:
     return p
 
 
-def _first_line(e: BaseException) -> str:
+def unreadable_checkpoint(path: Path) -> str | None:
+    """Why `path` cannot be a checkpoint, from its first bytes alone, or None when it may be one.
+
+    torch.save writes a zip archive, so a file cut short has the zip header but not the directory at its end;
+    an older torch wrote a pickle (first byte 0x80).
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        if zipfile.is_zipfile(path):
+            return None
+        return f"truncated: a zip archive without its end, {path.stat().st_size} bytes; an interrupted copy or save?"
+    if head[:1] == b"\x80":
+        return None
+    return "not a PyTorch file; train.py writes checkpoints/last.ckpt and step_*.ckpt"
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, whitespace collapsed (its type name when the message is empty)."""
     return " ".join(str(e).strip().split("\n")[0].split()) or type(e).__name__
+
+
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "bool": "true or false", "String": "a string"}
+
+
+def _omegaconf_message(e: OmegaConfBaseException, override: str | None = None) -> str:
+    """OmegaConf's error as `<key>=<value> is invalid: expected <type>` (wrong type), `<key> is required`, or its first line."""
+    key = getattr(e, "full_key", None) or ""
+    if isinstance(e, ValidationError) and key:
+        match = re.search(r"(?:could not be converted to|is not a valid) (\w+)", str(e))
+        expected = _TYPE_WORDS.get(match.group(1), match.group(1)) if match else first_line(e)
+        if "is not a ListConfig" in str(e) or "Invalid value assigned" in str(e):
+            expected = "a list such as [1,2]"
+        if override and "=" in override:  # as typed: `model.channel_mult=[1,x]`, the element named after
+            typed, value = override.split("=", 1)
+            typed = typed.lstrip("+~")
+            expected += f" at {key}" if typed != key else ""
+            key = typed
+        else:
+            value = repr(getattr(e, "value", None))
+        return f"{key}={value} is invalid: expected {expected}"
+    if isinstance(e, MissingMandatoryValue) and key:
+        return f"{key} is required: set it on the command line ({key}=...)"
+    line = first_line(e)
+    return f"{line} ({key})" if key and key not in line else line
+
+
+def _hydra_message(e: BaseException) -> str | None:
+    """One line for what Hydra raises while composing: an unknown option, an unknown key, a wrong type, bad syntax."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        if group and e.options:
+            return f"{group}={option}: no such option; available: {', '.join(e.options)}"
+        return first_line(e)
+    if isinstance(e, OverrideParseException):
+        return f"{e.override}: not an override Hydra can parse ({first_line(e)}); the form is key=value"
+    if isinstance(e, ConfigCompositionException):
+        match = re.search(r"(?:Could not override|Error merging override) '?([^'\s]+)'?", str(e))
+        override = match.group(1) if match else None
+        cause = e.__cause__ or e.__context__
+        if "not in struct" in str(cause) or "not in '" in str(cause):  # from an override, or a key in a YAML file
+            key = getattr(cause, "full_key", None) or override or ""
+            where = re.match(r"In '([^']+)'", str(e))
+            origin = f" (in {where.group(1)}.yaml)" if where else ""
+            return f"{key}: no such key{_suggest(key, getattr(cause, 'parent_node', None))}{origin}; `--cfg job` lists the keys"
+        if isinstance(cause, OmegaConfBaseException):
+            return _omegaconf_message(cause, override)
+        return first_line(e)
+    return None
+
+
+def _suggest(key: str, node: Any) -> str:
+    """` (did you mean module.lr?)` for a mistyped key, from the keys of `node`, the config node it was looked up in."""
+    parent, _, leaf = key.rpartition(".")
+    names = [str(k) for k in node.keys()] if OmegaConf.is_dict(node) else []
+    close = difflib.get_close_matches(leaf, names, n=1)
+    return f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+
+
+def _is_misconfiguration(e: BaseException) -> bool:
+    """Lightning's MisconfigurationException, without importing Lightning when nothing has."""
+    module = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return module is not None and isinstance(e, module.MisconfigurationException)
 
 
 def user_error_message(e: BaseException) -> str | None:
     """One line describing `e` when it (or what it wraps) is a configuration or data error; None for a bug.
 
-    Ours (ConfigError, DataError) name the key themselves; OmegaConf's get their key appended; a
-    ValueError/TypeError raised while Hydra instantiates a config node (a Lightning argument, say)
-    is reported with that node's key.
+    Ours (ConfigError, DataError) name the key themselves; Hydra's composition errors and OmegaConf's get
+    the key and value; a ValueError/TypeError raised while Hydra instantiates a config node (a Lightning
+    argument, say) is reported with that node's key.
     """
     from hydra.errors import InstantiationException
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from ddpm.data import DataError
 
     node = None
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (ConfigError, DataError)):
-            return _first_line(e)
+        if isinstance(e, ConfigError):  # ddpm.data.DataError included
+            return first_line(e)
+        hydra_line = _hydra_message(e)
+        if hydra_line is not None:
+            return hydra_line
         if isinstance(e, OmegaConfBaseException):
-            key = getattr(e, "full_key", None)
-            return f"{_first_line(e)} ({key})" if key and key not in _first_line(e) else _first_line(e)
+            return _omegaconf_message(e)
         if isinstance(e, InstantiationException):
             match = re.search(r"full_key: (\S+)", str(e))
             node = match.group(1) if match else node
-        elif isinstance(e, MisconfigurationException) or (node and isinstance(e, (ValueError, TypeError))):
-            return f"{node}: {_first_line(e)}" if node else _first_line(e)
+        elif _is_misconfiguration(e) or (node and isinstance(e, (ValueError, TypeError))):
+            return f"{node}: {first_line(e)}" if node else first_line(e)
         e = e.__cause__ or e.__context__
     return None
 
 
-def _remove_if_empty_run(run_dir: Path) -> None:
-    """Delete a run dir that holds nothing but what Hydra wrote at start-up (.hydra/, <job>.log): no half-made runs."""
+def _holds_only(folder: Path, names: set[str]) -> bool:
+    try:
+        return {p.name for p in folder.iterdir()} <= names
+    except OSError:
+        return False
+
+
+def remove_if_empty_run(run_dir: Path) -> None:
+    """Delete a run dir that holds nothing but what Hydra wrote at start-up (.hydra/, <job>.log): no half-made runs.
+
+    Then the sweep dir above it when it holds only Hydra's multirun.yaml, and the `<date>` folder when it is empty;
+    never a folder of the user's.
+    """
     from hydra.core.hydra_config import HydraConfig
 
     job = HydraConfig.get().job.name if HydraConfig.initialized() else None
-    try:
-        entries = [p.name for p in run_dir.iterdir()]
-    except OSError:
+    if not run_dir.is_dir() or not _holds_only(run_dir, {".hydra", f"{job}.log"}):
         return
-    if set(entries) <= {".hydra", f"{job}.log"}:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    if (parent / "multirun.yaml").is_file() and _holds_only(parent, {"multirun.yaml"}):
+        shutil.rmtree(parent, ignore_errors=True)
+        parent = parent.parent
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", parent.name):  # outputs/runs/<date>, when this was its only run
         with contextlib.suppress(OSError):
-            run_dir.parent.rmdir()  # the <date> folder, when this was its only run
+            parent.rmdir()
+
+
+def _full_error() -> bool:
+    """True when the user asked for tracebacks (HYDRA_FULL_ERROR=1 set by them, not by run_cli)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(_ONE_LINE) != "1"
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` entry point so that a bad config ends in one `error:` line and exit status 2.
+
+    Hydra prints its own multi-line report (or a traceback) for errors raised while it composes the config
+    (an unknown option or key, a wrong type, bad syntax); with HYDRA_FULL_ERROR=1 it raises them instead, and
+    this turns them into one line.
+    Bugs still show their traceback; so does everything when the user sets HYDRA_FULL_ERROR=1.
+    """
+    if _full_error():
+        main()
+        return
+    os.environ.update({"HYDRA_FULL_ERROR": "1", _ONE_LINE: "1"})  # inherited by DDP ranks, which then behave alike
+    try:
+        main()
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextlib.contextmanager
@@ -101,9 +226,9 @@ def clean_errors(run_dir: str | os.PathLike | None = None) -> Iterator[None]:
         yield
     except Exception as e:
         message = user_error_message(e)
-        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if message is None or _full_error():
             raise
         if run_dir is not None:
-            _remove_if_empty_run(Path(run_dir))
+            remove_if_empty_run(Path(run_dir))
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

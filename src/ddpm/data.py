@@ -20,6 +20,8 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm.schema import ConfigError, check_data
+
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integers 0..16 per pixel
 
 
@@ -85,7 +87,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
 # ---- datasets -------------------------------------------------------------------------------------
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A dataset that cannot be read as configured (missing files, nothing usable); the message says what to fix."""
 
 
@@ -182,6 +184,9 @@ def _cifar10_dir(root: str | None) -> Path:
     for folder in (Path(root) / "cifar-10-batches-py", Path(root)):
         if all((folder / name).is_file() for name in CIFAR10_FILES):
             return folder
+    archive = Path(root) / "cifar-10-python.tar.gz"
+    if archive.is_file():
+        raise DataError(f"data.root={root}: found {archive.name} but not its batches; extract it there (tar xzf {archive})")
     missing = [name for name in CIFAR10_FILES if not (Path(root) / "cifar-10-batches-py" / name).is_file()]
     raise DataError(
         f"data.root={root}: CIFAR-10 batches not found; expected cifar-10-batches-py/{{{','.join(CIFAR10_FILES)}}} "
@@ -234,9 +239,14 @@ class ImageFolder(Dataset):
         return x, torch.tensor(self.labels[i])
 
 
+SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale (PNG), scaled to 8 bits
+
+
 def load_image(im: Image.Image, resolution: int, channels: int) -> np.ndarray:
-    """A Pillow image of any mode -> uint8 array (H, W) or (H, W, 3): alpha over white, shorter side to
-    `resolution` (bicubic, up or down), center crop."""
+    """A Pillow image of any mode -> uint8 array (H, W) or (H, W, 3): 16-bit grayscale scaled to 8 bits, alpha over
+    white, shorter side to `resolution` (bicubic, up or down), center crop."""
+    if im.mode in SIXTEEN_BIT:
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8), mode="L")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -245,33 +255,55 @@ def load_image(im: Image.Image, resolution: int, channels: int) -> np.ndarray:
     return np.array(im, dtype=np.uint8)  # a writable copy
 
 
-def scan_image_folder(root: str | None) -> tuple[list[Path], list[int], list[str]]:
-    """The readable images under `root` (recursive, sorted) with labels from their top-level subfolder.
+def _examples(paths: list[Path], folder: Path) -> str:
+    shown = ", ".join(str(p.relative_to(folder)) for p in paths[:3])
+    return shown + (", ..." if len(paths) > 3 else "")
 
-    Files Pillow cannot identify or verify (other files, corrupt or truncated images) are skipped and
-    counted in one warning. Labels: the index of the first-level subfolder when every image sits in
-    one (ImageFolder layout), else 0. Raises DataError when the folder is missing or holds no image.
+
+def scan_image_folder(root: str | None, resolution: int | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """The usable images under `root` (recursive, sorted) with labels from their top-level subfolder.
+
+    Every file is decoded once (JPEGs at reduced scale), so what training reads later cannot fail: files that are
+    not images and images that are corrupt or truncated are skipped and counted in one warning; images whose shorter
+    side is below `resolution` are kept, upscaled, and counted in another. Labels: the index of the first-level
+    subfolder when every image sits in one (ImageFolder layout), else 0. Raises DataError when the folder is missing
+    or holds no usable image.
     """
     if not root:
         raise DataError("data.root is not set: point it at a folder of images (data=folder data.root=PATH)")
-    folder = Path(root)
+    folder = Path(root).expanduser()
     if not folder.is_dir():
-        raise DataError(f"data.root={root}: no such folder")
-    files, skipped = [], []
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise DataError(f"data.root={root}: {what}; expected a folder of images (png, jpg, ...), searched recursively")
+    files, not_images, broken, small = [], [], [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
-            with Image.open(path) as im:
-                im.verify()
+            im = Image.open(path)
+        except Exception:  # UnidentifiedImageError, or unreadable
+            not_images.append(path)
+            continue
+        try:
+            with im:
+                if resolution is not None and min(im.size) < resolution:
+                    small.append(path)
+                im.draft(im.mode, (resolution or 1, resolution or 1))  # JPEG: decode at a fraction of the size
+                im.load()
             files.append(path)
-        except Exception:
-            skipped.append(path)
-    if skipped:
+        except Exception:  # truncated or corrupt data
+            broken.append(path)
+    if not_images or broken:
+        parts = [f"{len(not_images)} not an image ({_examples(not_images, folder)})"] if not_images else []
+        parts += [f"{len(broken)} corrupt or truncated ({_examples(broken, folder)})"] if broken else []
+        warnings.warn(f"data.root={root}: skipped {len(not_images) + len(broken)} file(s): {'; '.join(parts)}", stacklevel=2)
+    if not files:
+        found = f" ({len(not_images) + len(broken)} file(s) skipped, see the warning)" if not_images or broken else ""
+        raise DataError(f"data.root={root}: no usable images found{found}; expected png, jpg, bmp, gif, webp, ... files")
+    if small:
         warnings.warn(
-            f"data.root={root}: skipped {len(skipped)} file(s) that are not readable images (e.g. {skipped[0].name})",
+            f"data.root={root}: {len(small)} image(s) smaller than data.resolution={resolution} are upscaled (bicubic, so "
+            f"blurred): {_examples(small, folder)}; a data.resolution at most their size avoids it",
             stacklevel=2,
         )
-    if not files:
-        raise DataError(f"data.root={root}: no readable images found (Pillow formats: png, jpg, bmp, gif, webp, ...)")
     parents = [p.relative_to(folder).parts for p in files]
     if all(len(parts) > 1 for parts in parents):
         classes = sorted({parts[0] for parts in parents})
@@ -284,7 +316,7 @@ def scan_image_folder(root: str | None) -> tuple[list[Path], list[int], list[str
 @register_dataset("folder")
 def build_folder(spec: DataSpec) -> tuple[Dataset, Dataset, int | None]:
     """Any folder of images (recursive); a seeded `val_fraction` of them is held out."""
-    files, labels, classes = scan_image_folder(spec.root)
+    files, labels, classes = scan_image_folder(spec.root, spec.resolution)
     train, val = _split(len(files), spec.val_fraction, spec.split_seed)
 
     def subset(index: np.ndarray, hflip: bool) -> ImageFolder:
@@ -328,16 +360,8 @@ class ImageDataModule(LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise DataError(f"data.dataset={dataset!r} is not known; known datasets: {', '.join(sorted(DATASETS))}")
-        checks = {
-            "resolution": (resolution, isinstance(resolution, int) and resolution >= 1, "an integer >= 1"),
-            "channels": (channels, channels in (1, 3), "1 or 3"),
-            "batch_size": (batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1"),
-            "num_workers": (num_workers, isinstance(num_workers, int) and num_workers >= 0, "an integer >= 0"),
-            "val_fraction": (val_fraction, 0.0 <= val_fraction < 1.0, "a number in [0, 1)"),
-        }
-        for key, (value, ok, accepted) in checks.items():
-            if not ok:
-                raise DataError(f"data.{key}={value!r} is invalid: expected {accepted}")
+        check_data(dict(resolution=resolution, channels=channels, batch_size=batch_size, num_workers=num_workers,
+                        val_fraction=val_fraction, split_seed=split_seed))  # fmt: skip
         self.save_hyperparameters()
         self.spec = DataSpec(root, resolution, channels, hflip, val_fraction, split_seed)
         self.dataset, self.batch_size, self.num_workers, self.pin_memory = dataset, batch_size, num_workers, pin_memory

@@ -23,10 +23,10 @@ from torch import Tensor
 
 from ddpm import GaussianDiffusion, make_betas
 from ddpm.callbacks import EMA
-from ddpm.config import ConfigError
+from ddpm.config import ConfigError, first_line, unreadable_checkpoint
 from ddpm.data import make_grid, save_grid
 from ddpm.guidance import ClassifierFreeGuidance
-from ddpm.samplers import SAMPLERS
+from ddpm.schema import check_module
 
 QUARTILES = 4
 
@@ -111,31 +111,10 @@ class DiffusionModule(LightningModule):
         unknown = sorted(set(unet) - known)
         if unknown:
             raise ConfigError(f"model.{unknown[0]} is not a UNet argument; known: {', '.join(sorted(known))}")
-        _check("schedule.timesteps", timesteps, lambda: isinstance(timesteps, int) and timesteps >= 1, "an integer >= 1")
+        check_module({k: v for k, v in self.hparams.items() if k != "unet"})  # by config key: module.lr, ...
         _check("module.optimizer", optimizer, lambda: optimizer in ("adam", "adamw"), "adam or adamw")
-        _check("module.lr", lr, lambda: lr > 0, "a number > 0")
-        _check("module.betas", betas, lambda: len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)")
-        _check("module.weight_decay", weight_decay, lambda: weight_decay >= 0, "a number >= 0")
-        _check("module.warmup_steps", warmup_steps, lambda: warmup_steps >= 0, "an integer >= 0")
-        _check("module.sample_every_n_steps", sample_every_n_steps, lambda: sample_every_n_steps >= 0, "an integer >= 0")
-        _check("module.cond_drop_prob", cond_drop_prob, lambda: 0 <= cond_drop_prob < 1, "a number in [0, 1)")
-        _check("module.sample_n", sample_n, lambda: sample_n >= 1, "an integer >= 1")
-        _check("module.sample_sampler", sample_sampler, lambda: sample_sampler in SAMPLERS, " or ".join(sorted(SAMPLERS)))
-        _check(
-            "module.sample_steps", sample_steps,
-            lambda: sample_steps is None or (isinstance(sample_steps, int) and 1 <= sample_steps <= timesteps),
-            f"null or an integer in [1, {timesteps}] (schedule.timesteps)",
-        )  # fmt: skip
         from ddpm.evaluation import validate_metrics
 
-        _check("module.eval_every_n_steps", eval_every_n_steps, lambda: eval_every_n_steps >= 0, "an integer >= 0")
-        _check("module.eval_n", eval_n, lambda: isinstance(eval_n, int) and eval_n >= 2, "an integer >= 2")
-        _check("module.eval_extractor", eval_extractor, lambda: eval_extractor in ("digits", "inception"), "digits or inception")
-        _check(
-            "module.eval_bpd_timesteps", eval_bpd_timesteps,
-            lambda: eval_bpd_timesteps is None or (isinstance(eval_bpd_timesteps, int) and eval_bpd_timesteps >= 1),
-            "null or an integer >= 1 (capped at schedule.timesteps)",
-        )  # fmt: skip
         validate_metrics(eval_metrics, key="module.eval_metrics")
         try:
             self.diffusion = GaussianDiffusion(
@@ -376,15 +355,20 @@ def load_module(path: str | Path, use_ema: bool = True, map_location: str | torc
         raise ConfigError(f"ckpt={path}: no such file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
-        raise ConfigError(f"ckpt={path}: not a readable checkpoint ({detail})") from e
+    except Exception as e:  # not a torch file, truncated, or pickled objects that weights_only refuses
+        reason = unreadable_checkpoint(path) or f"{type(e).__name__}: {first_line(e)}"
+        raise ConfigError(f"ckpt={path}: not a readable checkpoint ({reason})") from e
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt={path}: not a DiffusionModule checkpoint (no hyper_parameters/state_dict)")
+    hparams = ckpt["hyper_parameters"]
     try:
-        module = DiffusionModule(**ckpt["hyper_parameters"])
-    except TypeError as e:
-        raise ConfigError(f"ckpt={path}: made by an incompatible version of ddpm ({e})") from e
+        module = DiffusionModule(**hparams)
+    except (TypeError, ValueError) as e:  # an argument this version lacks or needs, or a value it refuses
+        params = inspect.signature(DiffusionModule).parameters
+        unknown = sorted(set(hparams) - set(params)) if isinstance(hparams, dict) else []
+        needed = sorted(n for n, p in params.items() if p.default is p.empty and n not in (hparams if isinstance(hparams, dict) else {}))
+        detail = f"unknown hyperparameter(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(needed)}" if needed else first_line(e)
+        raise ConfigError(f"ckpt={path}: made by an incompatible version of ddpm ({detail}); sample it with that version") from e
     has_ema = "current_model_state" in ckpt
     state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
     missing, unexpected = module.load_state_dict(state, strict=False)

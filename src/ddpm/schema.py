@@ -1,0 +1,345 @@
+"""Config schemas and value checks: a bad config is refused before a run starts, in one line that names the key.
+
+Two layers (README, "Errors and bad input"):
+- types: dataclass schemas of the config groups (`schedule`, `model`, `data`) and of sample.py's options, stored in
+  Hydra's ConfigStore (group `schema`) and named in the defaults lists of conf/train.yaml and conf/sample.yaml, so
+  OmegaConf rejects `data.batch_size=1.5` or `n=abc` while Hydra composes;
+- values: `check_train(cfg)` and `check_sample(cfg)`, ranges and rules across keys (`module.lr` > 0, `eta` in
+  [0, 1], the image size against the UNet's levels, widths against `model.norm_groups`, ...), run by the `Validate`
+  Hydra callback before Hydra writes the run dir. DiffusionModule and ImageDataModule run the same `check_module` /
+  `check_data` on their arguments, so a notebook user gets the same messages.
+
+The train config's top level, `module` and `trainer` stay open dicts (Lightning takes any Trainer argument, and
+experiment files may add keys); their values are checked here by hand. Nothing here imports Lightning.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Mapping, Optional, get_args
+
+from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key, the value and what is accepted."""
+
+
+# ---- types: schemas of the config groups, checked by OmegaConf at compose time ------------------------------
+
+
+@dataclass
+class ScheduleSchema:
+    """conf/schedule/*.yaml: a beta schedule (ddpm.schedules) and T."""
+
+    name: str = MISSING
+    timesteps: int = MISSING
+
+
+@dataclass
+class ModelSchema:
+    """conf/model/*.yaml: the arguments of ddpm.UNet (image_size and in_channels follow `data`)."""
+
+    image_size: int = MISSING
+    in_channels: int = MISSING
+    out_channels: Optional[int] = None
+    base_channels: int = MISSING
+    channel_mult: List[int] = MISSING
+    num_res_blocks: int = MISSING
+    attention_resolutions: List[int] = field(default_factory=list)
+    dropout: float = 0.0
+    norm_groups: int = 32
+    num_classes: Optional[int] = None
+    num_heads: int = 1
+    use_checkpoint: bool = False
+
+
+@dataclass
+class DataSchema:
+    """conf/data/*.yaml: the arguments of ddpm.data.ImageDataModule."""
+
+    _target_: str = "ddpm.data.ImageDataModule"
+    dataset: str = MISSING
+    root: Optional[str] = MISSING  # a default here would hide folder.yaml's `???`
+    resolution: int = MISSING
+    channels: int = MISSING
+    hflip: bool = False
+    batch_size: int = MISSING
+    num_workers: int = 0
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    pin_memory: Optional[bool] = None
+
+
+@dataclass
+class SampleSchema:
+    """conf/sample.yaml: sample.py's options (defaults live in the YAML)."""
+
+    ckpt: str = MISSING
+    sampler: str = MISSING
+    steps: Optional[int] = MISSING
+    spacing: Optional[str] = None
+    eta: float = 0.0
+    class_label: Any = None  # null, an int or a list of ints
+    guidance_scale: float = 1.0
+    n: int = MISSING
+    batch_size: int = MISSING
+    seed: int = 0
+    use_ema: bool = True
+    device: str = "auto"
+    out_dir: Optional[str] = None
+    metrics: List[str] = field(default_factory=list)
+    metrics_bpd_timesteps: Optional[int] = None
+    extractor: str = "digits"
+    inception_weights: Optional[str] = None
+
+
+_store = ConfigStore.instance()
+for _name, _node in {"schedule": ScheduleSchema, "model": ModelSchema, "data": DataSchema, "sample": SampleSchema}.items():
+    _store.store(group="schema", name=_name, node=_node)
+
+
+# ---- values ---------------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check(key: str, value: Any, ok: Callable[[], bool] | bool, accepted: str) -> None:
+    """Raise ConfigError `<key>=<value> is invalid: expected <accepted>` unless ok (a TypeError inside ok() counts as no)."""
+    try:
+        good = bool(ok() if callable(ok) else ok)
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(f"{key}={_show(value)} is invalid: expected {accepted}")
+
+
+def _show(value: Any) -> str:
+    """A value as a user types it: strings quoted, None as null, booleans lower-case."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_module(args: Mapping[str, Any]) -> None:
+    """The DiffusionModule arguments (ddpm.module) that a config sets, by their config keys (`module.lr`, ...).
+
+    `timesteps` and `schedule` are reported as `schedule.timesteps` / `schedule.name`, where users set them.
+    """
+    from ddpm.diffusion import Objective, Variance
+    from ddpm.samplers import SAMPLERS
+    from ddpm.schedules import SCHEDULES
+
+    a = dict(args)
+    T = a.get("timesteps", 1000)
+    check("schedule.timesteps", T, lambda: _is_int(T) and T >= 1, "an integer >= 1")
+    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "schedule": (lambda v: v in SCHEDULES, " or ".join(sorted(SCHEDULES))),
+        "objective": (lambda v: v in get_args(Objective), " or ".join(get_args(Objective))),
+        "variance": (lambda v: v in get_args(Variance), " or ".join(get_args(Variance))),
+        "min_snr_gamma": (lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0"),
+        "vlb_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "cond_drop_prob": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+        "betas": (lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "sample_every_n_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "sample_n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "sample_sampler": (lambda v: v in SAMPLERS, " or ".join(sorted(SAMPLERS))),
+        "sample_steps": (lambda v: v is None or (_is_int(v) and 1 <= v <= T), f"null or an integer in [1, {T}] (schedule.timesteps)"),
+        "sample_seed": (_is_int, "an integer"),
+        "eval_every_n_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "eval_n": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+        "eval_extractor": (lambda v: v in ("digits", "inception"), "digits or inception"),
+        "eval_bpd_timesteps": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1 (capped at schedule.timesteps)"),
+    }
+    for name, (ok, accepted) in rules.items():
+        if name in a:
+            key = "schedule.name" if name == "schedule" else f"module.{name}"
+            check(key, a[name], lambda: ok(a[name]), accepted)
+
+
+def check_model(unet: Mapping[str, Any], image_key: str = "data.resolution", channels_key: str = "data.channels") -> None:
+    """UNet arguments that cannot build or run, by config key: positive sizes, the image size against the levels
+    (channel_mult halves it len - 1 times), widths against norm_groups, attention sizes among the levels."""
+    u = dict(unet)
+    positive = {image_key: u.get("image_size"), channels_key: u.get("in_channels")}
+    positive.update({f"model.{k}": u.get(k) for k in ("base_channels", "num_res_blocks", "norm_groups", "num_heads") if k in u})
+    for key, value in positive.items():
+        check(key, value, lambda: _is_int(value) and value >= 1, "an integer >= 1")
+    mult = u.get("channel_mult")
+    check("model.channel_mult", mult, lambda: len(mult) >= 1 and all(_is_int(m) and m >= 1 for m in mult), "a non-empty list of integers >= 1")
+    size, factor = u["image_size"], 2 ** (len(mult) - 1)
+    check(image_key, size, lambda: size % factor == 0, f"a multiple of {factor}: model.channel_mult={list(mult)} halves it {len(mult) - 1} time(s)")
+    groups, base = u.get("norm_groups", 32), u.get("base_channels")
+    check("model.norm_groups", groups, lambda: base % groups == 0, f"a divisor of model.base_channels={base} (GroupNorm splits every width base_channels x mult into groups)")
+    levels = [size // 2**i for i in range(len(mult))]
+    attn = u.get("attention_resolutions") or []
+    check("model.attention_resolutions", attn, lambda: all(r in levels for r in attn), f"sizes the UNet visits at {image_key}={size}: a subset of {levels}")
+    drop = u.get("dropout", 0.0)
+    check("model.dropout", drop, lambda: _is_number(drop) and 0 <= drop < 1, "a number in [0, 1)")
+    out, classes = u.get("out_channels"), u.get("num_classes")
+    check("model.out_channels", out, lambda: out is None or (_is_int(out) and out >= 1), "null (from module.variance) or an integer >= 1")
+    check("model.num_classes", classes, lambda: classes is None or (_is_int(classes) and classes >= 1), "null (unconditional) or an integer >= 1")
+
+
+def check_data(args: Mapping[str, Any]) -> None:
+    """ImageDataModule arguments by config key (`data.batch_size`, ...); the dataset name is checked against the registry there."""
+    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "resolution": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "channels": (lambda v: v in (1, 3) and _is_int(v), "1 or 3"),
+        "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "val_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "split_seed": (_is_int, "an integer"),
+    }
+    for name, (ok, accepted) in rules.items():
+        if name in args:
+            check(f"data.{name}", args[name], lambda: ok(args[name]), accepted)
+
+
+PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "64", "32", "16", "bf16", "transformer-engine", "transformer-engine-float16")
+_MAX_TIME = re.compile(r"^\d+:\d{1,2}:\d{1,2}:\d{1,2}$")
+
+
+def _devices_ok(v: Any) -> bool:
+    if isinstance(v, str):
+        return v == "auto" or bool(re.fullmatch(r"-1|\d+|(\d+,)*\d+,?", v))
+    if _is_int(v):
+        return v == -1 or v >= 1
+    return len(v) > 0 and all(_is_int(d) and d >= 0 for d in v)
+
+
+def check_trainer(trainer: Mapping[str, Any], precision_key: str = "hardware.precision") -> None:
+    """The lightning.Trainer arguments that the configs set (any others pass to Lightning unchecked)."""
+    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "max_steps": (lambda v: _is_int(v) and (v == -1 or v >= 1), "an integer >= 1, or -1 for no limit"),
+        "max_epochs": (lambda v: v is None or (_is_int(v) and v >= -1), "null, -1 or an integer >= 1"),
+        "max_time": (lambda v: v is None or isinstance(v, Mapping) or bool(_MAX_TIME.match(str(v))), "null or DD:HH:MM:SS (00:00:05:00 is five minutes)"),
+        "val_check_interval": (lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "an integer >= 1 (steps) or a fraction of an epoch in (0, 1]"),
+        "check_val_every_n_epoch": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+        "limit_val_batches": (lambda v: (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1), "an integer >= 0 or a fraction in [0, 1]"),
+        "limit_train_batches": (lambda v: (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "an integer >= 1 or a fraction in (0, 1]"),
+        "num_sanity_val_steps": (lambda v: _is_int(v) and v >= -1, "an integer >= 0, or -1 for all"),
+        "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "accumulate_grad_batches": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "gradient_clip_val": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
+        "num_nodes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "devices": (_devices_ok, "auto, -1 (all), a count >= 1, or a list of device indices such as [0,1]"),
+        "precision": (lambda v: str(v) in PRECISIONS, " | ".join(PRECISIONS[:6])),
+    }
+    for name, (ok, accepted) in rules.items():
+        if name in trainer:
+            key = precision_key if name == "precision" else f"hardware.{name}" if name in ("num_nodes", "devices") else f"trainer.{name}"
+            check(key, trainer[name], lambda: ok(trainer[name]), accepted)
+
+
+def _origin(node: DictConfig, key: str, default: str) -> str:
+    """The key a user sets for node[key]: the target of a plain `${a.b}` interpolation, else `default`."""
+    raw = OmegaConf.to_container(node, resolve=False).get(key)
+    match = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+    return match.group(1) if match else default
+
+
+def _check_required(cfg: DictConfig, hints: Mapping[str, str]) -> None:
+    """ConfigError for the first `???` value left in cfg (outside `hydra`), with a hint of what to set."""
+
+    def walk(node: Any, prefix: str) -> Iterator[str]:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if v == MISSING:
+                yield key
+            yield from walk(v, key)
+
+    plain = OmegaConf.to_container(cfg, resolve=False)  # `???` stays a string; nothing is resolved
+    for key in walk({k: v for k, v in plain.items() if k != "hydra"}, ""):
+        raise ConfigError(f"{key} is required: {hints.get(key, f'add {key}=... to the command')}")
+
+
+def check_train(cfg: DictConfig) -> None:
+    """Every value of a composed train config that can be checked without data or Lightning; ConfigError on the first bad one.
+
+    Values are read one by one (a DictConfig, not a resolved copy): `${hydra:...}` paths are not resolvable yet.
+    """
+    _check_required(cfg, {"data.root": "data.root=PATH, the folder of images (or of cifar-10-batches-py)"})
+    check("seed", cfg.seed, lambda: _is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "an integer in [0, 2**32)")
+    check("resume", cfg.resume, isinstance(cfg.resume, bool), "true or false")
+    for key in ("name", "ckpt_path"):
+        check(key, cfg[key], cfg[key] is None or isinstance(cfg[key], str), "null or a string")
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().exists():  # which checkpoint in it: train.py decides
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file or run dir")
+    check_data(cfg.data)
+    check_module({k: cfg.module[k] for k in cfg.module if not k.startswith("_") and k != "unet"})
+    model = cfg.model if _origin(cfg.module, "unet", "") == "model" else cfg.module.unet
+    check_model(model, _origin(model, "image_size", "model.image_size"), _origin(model, "in_channels", "model.in_channels"))
+    check_trainer(cfg.trainer, _origin(cfg.trainer, "precision", "trainer.precision"))
+
+
+def check_sample(cfg: DictConfig) -> None:
+    """sample.py's options that need no checkpoint (`steps` against T and `class_label` against the classes wait for it)."""
+    from ddpm.samplers import SAMPLERS
+
+    from ddpm.config import resolve_ckpt, unreadable_checkpoint
+
+    _check_required(cfg, {"ckpt": "ckpt=PATH, a checkpoint file or a run dir (outputs/runs/<name>)"})
+    check("ckpt", cfg.ckpt, isinstance(cfg.ckpt, str), "a checkpoint file or a run dir")
+    reason = unreadable_checkpoint(resolve_ckpt(cfg.ckpt, key="ckpt"))
+    if reason:
+        raise ConfigError(f"ckpt={cfg.ckpt}: not a readable checkpoint ({reason})")
+    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "sampler": (lambda v: v in SAMPLERS, " or ".join(sorted(SAMPLERS))),
+        "steps": (lambda v: v is None or (_is_int(v) and v >= 1), "null (all T) or an integer >= 1"),
+        "spacing": (lambda v: v is None or v in ("uniform", "trailing", "karras"), "null or uniform | trailing | karras"),
+        "eta": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+        "guidance_scale": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "class_label": (lambda v: v is None or (_is_int(v) and v >= 0) or (len(v) > 0 and all(_is_int(k) and k >= 0 for k in v)), "null, an integer >= 0 or a non-empty list of them"),
+        "seed": (_is_int, "an integer"),
+        "extractor": (lambda v: v in ("digits", "inception"), "digits or inception"),
+        "metrics_bpd_timesteps": (lambda v: v is None or (_is_int(v) and v >= 1), "null (all T) or an integer >= 1"),
+    }
+    for name, (ok, accepted) in rules.items():
+        if name in cfg:
+            check(name, cfg[name], lambda: ok(cfg[name]), accepted)
+
+
+class Validate(Callback):
+    """Hydra callback: check the composed config before Hydra writes anything (`hydra.callbacks.validate` in the YAML).
+
+    A single run is checked before its run dir exists; each job of a sweep (`-m module.lr=1e-3,-1`) before it runs,
+    and the job dir Hydra made for it is removed. Hydra turns an exception raised by a callback into a warning
+    and carries on, so a bad value ends the process here (ddpm.config.clean_errors: one line, exit status 2).
+    `check`: "train" or "sample".
+    """
+
+    def __init__(self, check: str) -> None:
+        self.check = {"train": check_train, "sample": check_sample}[check]
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ddpm.config import clean_errors
+
+        with clean_errors():
+            self.check(config)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        from ddpm.config import clean_errors
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            with clean_errors(run_dir=config.hydra.runtime.output_dir):
+                self.check(config)
