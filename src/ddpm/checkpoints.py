@@ -21,7 +21,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
-from ddpm.config import LAST, ConfigError
+from ddpm.config import LAST, ConfigError, unreadable_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """None when `path` loads as a Lightning training checkpoint, else a short reason why not.
 
-    The tensors are memory-mapped, not read, so this costs little even for large checkpoints; a truncated
-    file fails here because its zip directory (at the end of the file) is missing.
+    First the file's header (ddpm.config.unreadable_checkpoint: truncated, not a PyTorch file), then a load with the
+    tensors memory-mapped, not read, so this costs little even for large checkpoints.
     """
+    header_problem = unreadable_checkpoint(Path(path))  # a cheap look at the first bytes names truncation best
+    if header_problem is not None:
+        return header_problem
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors, ... for a damaged file
