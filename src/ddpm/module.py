@@ -1,9 +1,11 @@
 """DiffusionModule: the LightningModule that trains a UNet under a GaussianDiffusion (Ho et al. 2020, Alg. 1).
 
 It holds the network (`unet`) and the process (`diffusion`), logs the loss (also per quarter of the
-timesteps), validates with a fixed draw of t and noise, builds Adam/AdamW (fused kernels where torch has them)
-with a linear warm-up, keeps the UNet and the batches channels_last (`channels_last`), and every `sample_every_n_steps` draws a fixed-seed grid from the EMA weights into
-`<run dir>/samples/step_<6-digit step>.png` (and to the logger when it takes images). With
+timesteps), draws each step's t and noise so that a global batch gets the same draws however devices and
+gradient accumulation split it, validates with a fixed draw of t and noise, builds Adam/AdamW (fused where
+torch has the kernel) with a linear warm-up, keeps the UNet and the batches channels_last, optionally
+torch.compiles the UNet (`compile_unet`), and every `sample_every_n_steps` draws a fixed-seed grid from the
+EMA weights into `<run dir>/samples/step_<6-digit step>.png` (and to the logger when it takes images). With
 `eval_every_n_steps`, it also scores `eval_n` EMA samples against the held-out split (ddpm.metrics) and
 logs `val/fid`, `val/fid_floor`, ... (and `val/bpd`).
 
