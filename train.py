@@ -41,8 +41,11 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.run_dir)
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     os.environ.setdefault("WANDB_SILENT", "true")
+    # plain ddp re-launches this script per rank, re-running a sweep, unless SLURM started the ranks (submitit_slurm)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and cfg.trainer.strategy == "ddp":
-        raise ConfigError("hardware.strategy=ddp in a -m sweep re-runs the sweep per rank; use hardware.strategy=ddp_spawn or one device")
+        if "SlurmLauncher" not in str(HydraConfig.get().launcher.get("_target_")):
+            raise ConfigError("hardware.strategy=ddp in a -m sweep re-runs the sweep per rank; use hardware.strategy=ddp_spawn, "
+                              "one device, or hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=<devices>")  # fmt: skip
     from ddpm.callbacks import NonFiniteError
     from ddpm.checkpoints import AtomicCheckpointIO, resume_checkpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -57,6 +60,8 @@ def train(cfg: DictConfig) -> float | None:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
+    if cfg.compile:
+        module.compile_unet(**OmegaConf.to_container(cfg.compile_options))
     datamodule.setup("fit")  # fail on missing data before the trainer starts
     if module.hparams.eval_every_n_steps and any(m != "bpd" for m in module.hparams.eval_metrics):
         from ddpm.evaluation import check_extractor
@@ -67,6 +72,11 @@ def train(cfg: DictConfig) -> float | None:
     loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") and cfg.logger.get("_target_") else []
     if not loggers:  # logger=none: nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    strategy = cfg.trainer.strategy  # a name ("fsdp") or a node (_target_: ...FSDPStrategy), as conf/hardware/fsdp.yaml
+    fsdp = "fsdp" in (strategy if isinstance(strategy, str) else str(strategy.get("_target_", ""))).lower()
+    if fsdp and any(isinstance(c, pl.callbacks.WeightAveraging) for c in callbacks):
+        raise ConfigError("hardware=fsdp shards the weights, which the EMA callback (Lightning's WeightAveraging) cannot average; "
+                          "add ~callbacks.ema to train without EMA, or use hardware=ddp")  # fmt: skip
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]  # write-then-rename
     )

@@ -36,6 +36,8 @@ def instantiate_all(cfg: DictConfig) -> DiffusionModule:
     trainer_cfg = cfg.trainer
     if cfg.hardware.accelerator == "gpu":  # no GPU here: build the same Trainer on the CPU
         trainer_cfg = dict(cfg.trainer, accelerator="cpu", precision="32-true", devices=1 if cfg.hardware.devices == -1 else cfg.hardware.devices)
+        if not isinstance(cfg.trainer.strategy, str):  # FSDPStrategy refuses the CPU; tests/test_scale.py builds it alone
+            trainer_cfg["strategy"] = "auto"
     hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     return module
 
@@ -44,7 +46,7 @@ def test_groups_exist() -> None:
     assert GROUPS["schedule"] == ["cosine", "linear"]
     assert GROUPS["model"] == ["base", "ddpm_cifar10", "small", "tiny"]
     assert GROUPS["data"] == ["cifar10", "digits", "folder"]
-    assert GROUPS["hardware"] == ["bf16", "cpu", "ddp", "ddp_amp", "gpu", "gpu_amp"]
+    assert GROUPS["hardware"] == ["bf16", "cpu", "ddp", "ddp_amp", "fsdp", "gpu", "gpu_amp"]
     assert GROUPS["logger"] == ["csv", "none", "wandb"]
     assert {"digits_demo", "cifar10_ddpm"} <= set(GROUPS["experiment"])
 

@@ -1,9 +1,11 @@
 """DiffusionModule: the LightningModule that trains a UNet under a GaussianDiffusion (Ho et al. 2020, Alg. 1).
 
 It holds the network (`unet`) and the process (`diffusion`), logs the loss (also per quarter of the
-timesteps), validates with a fixed draw of t and noise, builds Adam/AdamW with a linear warm-up,
-and every `sample_every_n_steps` draws a fixed-seed grid from the EMA weights into
-`<run dir>/samples/step_<6-digit step>.png` (and to the logger when it takes images). With
+timesteps), draws each step's t and noise so that a global batch gets the same draws however devices and
+gradient accumulation split it, validates with a fixed draw of t and noise, builds Adam/AdamW (fused where
+torch has the kernel) with a linear warm-up, keeps the UNet and the batches channels_last, optionally
+torch.compiles the UNet (`compile_unet`), and every `sample_every_n_steps` draws a fixed-seed grid from the
+EMA weights into `<run dir>/samples/step_<6-digit step>.png` (and to the logger when it takes images). With
 `eval_every_n_steps`, it also scores `eval_n` EMA samples against the held-out split (ddpm.metrics) and
 logs `val/fid`, `val/fid_floor`, ... (and `val/bpd`).
 
@@ -14,11 +16,14 @@ EMA) or `load_module(path, use_ema=...)`.
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 
 from ddpm import GaussianDiffusion, make_betas
@@ -39,6 +44,11 @@ def _check(key: str, value: Any, ok: Callable[[], bool], accepted: str) -> None:
         good = False
     if not good:
         raise ConfigError(f"{key}={value!r} is invalid: expected {accepted}")
+
+
+def _is_nhwc(x: Tensor) -> bool:
+    """True when x is stored channels_last (and not also plain contiguous, as with C == 1 or H * W == 1)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class DiffusionModule(LightningModule):
@@ -74,6 +84,9 @@ class DiffusionModule(LightningModule):
         eval_extractor: FID/KID features, "digits" or "inception".
         eval_inception_weights: path of the Inception weights file (None: torch hub's cache).
         eval_bpd_timesteps: timesteps of the quick held-out bits/dim estimate (None: all T).
+        channels_last: store the UNet's convolution weights and the training batches NHWC
+            (torch.channels_last), the layout oneDNN's CPU and cuDNN's tensor-core convolutions run fastest;
+            the activations follow the weights. Numerically the same net.
     """
 
     def __init__(
@@ -102,6 +115,7 @@ class DiffusionModule(LightningModule):
         eval_extractor: str = "digits",
         eval_inception_weights: str | None = None,
         eval_bpd_timesteps: int | None = 100,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         from ddpm import UNet  # lazily: ddpm exposes UNet through __getattr__
@@ -127,6 +141,8 @@ class DiffusionModule(LightningModule):
             self.unet = UNet(**unet)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)  # 4-D weights only; load_state_dict keeps the layout
         self.image_shape = (self.unet.in_channels, self.unet.image_size, self.unet.image_size)  # (C, H, W)
         # L_simple summed and counted per quarter of [0, T) over the epoch: where in the chain the net still has
         # to learn. Plain tensors, not buffers: buffers would enter checkpoints and the EMA's weight swaps.
@@ -137,6 +153,10 @@ class DiffusionModule(LightningModule):
         self._evaluator: Any = None  # SampleEvaluator, built at fit start (rank 0) when eval_every_n_steps > 0
         self._eval_val: Tensor | None = None  # held-out images for bpd
         self._last_eval_step = -1
+        self._step_seconds: list[float] | None = None  # wall time of the first two training steps after compile_unet()
+        self._step_start = 0.0
+        self.compile_seconds: float | None = None
+        self._draw_generator: torch.Generator | None = None  # training_draws(), re-seeded every step
 
     @property
     def conditional(self) -> bool:
@@ -146,22 +166,74 @@ class DiffusionModule(LightningModule):
         """The network's prediction (eps, x0 or v by objective) for x_t (B, C, H, W) at t (B,)."""
         return self.unet(x_t, t, y)
 
-    def _model_kwargs(self, y: Tensor, drop_prob: float = 0.0) -> dict[str, Tensor] | None:
-        """{"y": labels} for a class-conditional net (each replaced by the null label with `drop_prob`), else None."""
+    def _model_kwargs(self, y: Tensor, drop_prob: float = 0.0, uniforms: Tensor | None = None) -> dict[str, Tensor] | None:
+        """{"y": labels} for a class-conditional net (each replaced by the null label with `drop_prob`, where its
+        entry of `uniforms` (B,), default fresh draws, falls below it), else None."""
         if not self.conditional:
             return None
         if drop_prob > 0:
-            y = torch.where(torch.rand(y.shape, device=y.device) < drop_prob, torch.full_like(y, self.unet.num_classes), y)
+            u = torch.rand(y.shape, device=y.device) if uniforms is None else uniforms
+            y = torch.where(u < drop_prob, torch.full_like(y, self.unet.num_classes), y)
         return {"y": y}
 
     # ---- training --------------------------------------------------------------------------------
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Images to channels_last on the device (with `channels_last`), so the first conv reads NHWC."""
+        if self.hparams.channels_last and isinstance(batch, (tuple, list)) and batch and batch[0].dim() == 4:
+            return (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+        return batch
+
+    def compile_unet(self, **options: Any) -> None:
+        """torch.compile the UNet in place (`nn.Module.compile`: parameter names, checkpoints and the EMA's
+        eager copy are unchanged); `options` go to torch.compile (mode, backend, dynamic, ...).
+
+        Compilation happens in the first training step; its cost (the first step's time minus the second's)
+        is printed once and logged as `perf/compile_s`, and kept in `compile_seconds`.
+        """
+        try:
+            self.unet.compile(**options)
+        except RuntimeError as e:  # an unknown mode or backend
+            raise ConfigError(f"compile_options={options}: {str(e).strip().splitlines()[0]}") from e
+        self._step_seconds = []
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._step_seconds is not None and len(self._step_seconds) < 2:
+            self._step_start = time.perf_counter()
+
+    def training_draws(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
+        """t (B,), noise (B, C, H, W) and the label-dropout uniforms (B,) of this rank's micro-batch.
+
+        They are rows of one draw for the whole optimizer step (accumulate_grad_batches x world_size x B
+        rows) from a generator seeded by (torch.initial_seed(), global_step): micro-batch m takes the m-th
+        block of world_size x B rows and rank r every world_size-th row of it from r, the positions
+        DistributedSampler gives that rank's images. So ranks never repeat each other's noise (seeded alike,
+        each would otherwise draw the same t and noise for its own images), the same global batch gets the
+        same draws however it is split over devices and accumulation, and a resumed run draws what an
+        uninterrupted one would.
+        """
+        trainer = self._trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        accum = trainer.accumulate_grad_batches if trainer is not None else 1
+        B, device = x0.shape[0], x0.device
+        seed = np.random.SeedSequence([torch.initial_seed(), self.global_step]).generate_state(1, np.uint64)[0]
+        if self._draw_generator is None or self._draw_generator.device != device:
+            self._draw_generator = torch.Generator(device=device)
+        g = self._draw_generator.manual_seed(int(seed))
+        n = accum * world * B
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g, device=device)
+        noise = torch.randn((n, *x0.shape[1:]), generator=g, device=device)
+        drop = torch.rand((n,), generator=g, device=device)
+        rows = (batch_idx % accum) * world * B + torch.arange(B, device=device) * world + rank
+        noise = noise[rows].contiguous(memory_format=torch.channels_last if _is_nhwc(x0) else torch.contiguous_format)
+        return t[rows], noise, drop[rows]
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch  # (B, C, H, W) in [-1, 1], (B,)
         T = self.diffusion.num_timesteps
-        t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
-        kwargs = self._model_kwargs(y, self.hparams.cond_drop_prob)
-        losses = self.diffusion.training_loss(self.unet, x0, t=t, model_kwargs=kwargs, reduction="none")
+        t, noise, drop = self.training_draws(x0, batch_idx)
+        kwargs = self._model_kwargs(y, self.hparams.cond_drop_prob, drop)
+        losses = self.diffusion.training_loss(self.unet, x0, t=t, noise=noise, model_kwargs=kwargs, reduction="none")
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
         quartile = t * QUARTILES // T  # (B,) in 0..3
@@ -188,10 +260,26 @@ class DiffusionModule(LightningModule):
         loss = self.diffusion.training_loss(self.unet, x0, t=t, noise=noise, model_kwargs=self._model_kwargs(y))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """Adam/AdamW with torch's fused kernel (one kernel for all parameters) where it has one for their device
+        and dtype, else the foreach implementation. Under Lightning's autocast plugin (bf16-mixed, 16-mixed) with
+        gradient clipping it is foreach too: that plugin refuses to clip for an optimizer that would unscale the
+        gradients inside its own step, as a fused one does."""
         hp = self.hparams
         cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[hp.optimizer]
-        opt = cls(self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        kwargs = dict(lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        trainer = self._trainer
+        amp_clipping = trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision) and bool(trainer.gradient_clip_val)
+        if not amp_clipping:
+            try:
+                return cls(self.unet.parameters(), fused=True, **kwargs)
+            except RuntimeError:  # no fused kernel for some parameter's device or dtype
+                pass
+        return cls(self.unet.parameters(), foreach=True, **kwargs)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = self._make_optimizer()
         warmup = max(hp.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
@@ -262,7 +350,22 @@ class DiffusionModule(LightningModule):
                 logger.log_image(key="samples", images=[make_grid(images)], step=step, caption=[f"step {step}"])
         return path
 
+    def _time_compile(self) -> None:
+        """After compile_unet(): time the first two training steps; then report the compile time once."""
+        if self._step_seconds is None or len(self._step_seconds) >= 2:
+            return
+        self._step_seconds.append(time.perf_counter() - self._step_start)
+        if len(self._step_seconds) < 2:
+            return
+        first, second = self._step_seconds
+        self.compile_seconds = max(first - second, 0.0)
+        if self.trainer.is_global_zero:
+            print(f"torch.compile: {self.compile_seconds:.1f} s (first training step {first:.1f} s, second {second:.3f} s)")
+            for logger in self.loggers:
+                logger.log_metrics({"perf/compile_s": self.compile_seconds}, step=self.global_step)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._time_compile()
         every = self.hparams.sample_every_n_steps
         if every and self.global_step % every == 0:
             self.log_sample_grid()

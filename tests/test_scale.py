@@ -1,0 +1,313 @@
+"""Speed and scale: fused Adam, channels_last, bf16, activation checkpointing, gradient accumulation, DDP against
+one process, torch.compile, FSDP's refusal of EMA, and sweeps through the submitit launcher.
+
+Trainer-level tests fit a DiffusionModule on the first 16 digits in a fixed order (shuffle off), so the same
+global batch can be fed whole, as accumulated halves, or split over two DDP processes. The module draws t and
+noise per optimizer step from one seeded stream and hands each rank and micro-batch its rows of it
+(`DiffusionModule.training_draws`), so every split sees the same (image, t, noise) triples and the runs can be
+compared weight for weight.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from conftest import ROOT, train
+from ddpm.callbacks import EMA
+from ddpm.data import digits_split
+from ddpm.module import DiffusionModule
+from ddpm.unet import UNet
+
+TINY = dict(image_size=8, in_channels=1, base_channels=16, channel_mult=[1, 2], num_res_blocks=1,
+            attention_resolutions=[4], dropout=0.0, norm_groups=8)  # fmt: skip
+
+
+def perturb(module: DiffusionModule, seed: int = 0) -> DiffusionModule:
+    """Noise on every UNet weight: the paper's zero init makes the first output exactly 0, which would hide any
+    difference in the forward pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def make_module(**kwargs) -> DiffusionModule:
+    """A tiny DiffusionModule (T = 100, lr 1e-3, no warm-up, no grids), the same weights for the same kwargs."""
+    torch.manual_seed(0)
+    module = DiffusionModule(unet=TINY, timesteps=100, warmup_steps=0, sample_every_n_steps=0, lr=1e-3, **kwargs)
+    return perturb(module)
+
+
+def loader(batch_size: int, distributed_order: bool = False) -> DataLoader:
+    """The first 16 training digits, two global batches of 8 per epoch: in a fixed order, or (distributed_order)
+    in the order a DDP world reads them, DistributedSampler's seeded permutation, here for one process."""
+    x, y = digits_split("train")
+    data = TensorDataset(x[:16], y[:16])
+    if distributed_order:
+        return DataLoader(data, batch_size=batch_size, sampler=DistributedSampler(data, num_replicas=1, rank=0, seed=0))
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+class LossRecorder(pl.Callback):
+    """The loss of every micro-batch, as training_step returned it."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit(
+    module: DiffusionModule, root: Path, batch_size: int = 8, steps: int = 3, distributed_order: bool = False, **trainer_kwargs
+) -> pl.Trainer:
+    """`steps` optimizer steps on the CPU, seed 0, gradient clipping at 1 as in conf/train.yaml."""
+    pl.seed_everything(0, verbose=False)
+    kwargs = dict(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                  default_root_dir=root) | trainer_kwargs  # fmt: skip
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(module, train_dataloaders=loader(batch_size, distributed_order))
+    return trainer
+
+
+def update_difference(a: DiffusionModule, b: DiffusionModule) -> float:
+    """|| (w_a - w_0) - (w_b - w_0) || / || w_a - w_0 ||: how far two runs' weight updates from the common init
+    w_0 = make_module() differ, relative to the update itself.
+
+    A relative norm, not a largest difference: the key biases of attention get an identically zero gradient
+    (softmax ignores a shift shared by all keys), so theirs is float rounding only, which Adam's division by
+    sqrt(v) + eps turns into steps of up to ~lr in either direction.
+    """
+    init = [p.detach().flatten() for p in make_module().unet.parameters()]
+    update_a = torch.cat([p.detach().flatten() - w for p, w in zip(a.unet.parameters(), init)])
+    update_b = torch.cat([p.detach().flatten() - w for p, w in zip(b.unet.parameters(), init)])
+    return ((update_a - update_b).norm() / update_a.norm()).item()
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+# ---- optimizer, memory format, precision ---------------------------------------------------------------
+
+
+def test_fused_adam_channels_last_and_fp32_ema(tmp_path: Path) -> None:
+    """fp32: torch's fused Adam; bf16-mixed with clipping: foreach (Lightning's AMP plugin will not clip for a fused
+    optimizer). NHWC conv weights and batches; the EMA copy of a bf16-mixed run stays fp32 and moves."""
+    assert fit(make_module(), tmp_path, steps=1).optimizers[0].defaults["fused"] is True
+    module, ema = make_module(), EMA(decay=0.9)
+    trainer = fit(module, tmp_path, steps=2, precision="bf16-mixed", callbacks=[ema])
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    convs = [p for p in module.unet.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    rgb = (torch.rand(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))
+    x = module.on_after_batch_transfer(rgb, 0)[0]
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    averaged = list(ema.averaged_module.unet.parameters())
+    assert all(p.dtype == torch.float32 for p in averaged)
+    assert any(not torch.equal(p, q) for p, q in zip(averaged, module.unet.parameters()))  # it did average
+    off = make_module(channels_last=False)
+    assert all(p.is_contiguous() for p in off.unet.parameters())
+    assert off.on_after_batch_transfer(rgb, 0)[0].is_contiguous()
+
+
+def test_bf16_and_channels_last_losses_close_to_fp32(tmp_path: Path) -> None:
+    """Two steps on the same batches with the same draws of t and noise: channels_last gives the fp32 losses to
+    1e-5 (the same arithmetic in another order); bf16-mixed to 1%: its convolutions round inputs and weights to
+    8 mantissa bits (~0.4% each), and the loss, computed in fp32 from the bf16 output, measured ~0.1% here."""
+    losses = {}
+    for name, precision, channels_last in (("fp32", "32-true", False), ("fp32_cl", "32-true", True), ("bf16_cl", "bf16-mixed", True)):
+        recorder = LossRecorder()
+        fit(make_module(channels_last=channels_last), tmp_path, steps=2, precision=precision, callbacks=[recorder])
+        losses[name] = torch.tensor(recorder.losses)
+    ref = losses["fp32"]
+    assert ref.shape == (2,) and ref[1] != ref[0]
+    torch.testing.assert_close(losses["fp32_cl"], ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses["bf16_cl"], ref, rtol=1e-2, atol=0)
+
+
+# ---- activation checkpointing --------------------------------------------------------------------------
+
+
+def test_activation_checkpointing_same_gradients_less_memory() -> None:
+    """model.use_checkpoint=true: the gradients equal the stored-activation ones (recomputation replays the same
+    arithmetic and the dropout masks), while the autograd graph keeps less than half the activations."""
+    cfg = compose_train("model=tiny", "model.use_checkpoint=true", "model.dropout=0.1", "module.channels_last=false")
+    modules = []
+    for use_checkpoint in (False, True):
+        cfg.module.unet.use_checkpoint = use_checkpoint
+        modules.append(hydra.utils.instantiate(cfg.module))
+    plain, ckpt = modules
+    perturb(plain)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.unet.down[0][0].use_checkpoint and not plain.unet.down[0][0].use_checkpoint
+    x0 = digits_split("train")[0][:8]
+    t, noise, _ = plain.training_draws(x0, 0)
+    saved_bytes, grads = [], []
+    for module in (plain, ckpt):
+        sizes: list[int] = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            sizes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        torch.manual_seed(1)  # the same dropout masks in both
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = module.diffusion.training_loss(module.unet, x0, t=t, noise=noise)
+        loss.backward()
+        saved_bytes.append(sum(sizes))
+        grads.append([p.grad for p in module.unet.parameters()])
+    for g_ckpt, g_plain in zip(*reversed(grads)):
+        torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-6, atol=1e-8)
+    assert saved_bytes[1] < 0.5 * saved_bytes[0], saved_bytes
+
+
+# ---- the same global batch, split three ways ----------------------------------------------------------
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path: Path) -> None:
+    """accumulate_grad_batches=2 over batches of 4 gives batch 8's losses and weight updates after 3 steps.
+
+    Lightning divides each micro-batch loss by 2 and sums the gradients: the batch-8 gradient up to float
+    rounding (~1e-7 relative). The updates then differ by 5e-5 relative (measured; update_difference says where
+    it comes from); bound 1e-3. Another arithmetic (bf16-mixed) differs by 8e-2 here, and a mismatched draw of
+    t or noise by O(1).
+    """
+    full, acc = LossRecorder(), LossRecorder()
+    whole = make_module()
+    fit(whole, tmp_path / "full", batch_size=8, callbacks=[full])
+    halves = make_module()
+    fit(halves, tmp_path / "acc", batch_size=4, accumulate_grad_batches=2, callbacks=[acc])
+    assert len(full.losses) == 3 and len(acc.losses) == 6
+    # Lightning hands on each micro-batch loss divided by 2: their sum is the mean of the 8 per-image losses
+    pairs = torch.tensor(acc.losses).view(3, 2).sum(1)
+    torch.testing.assert_close(pairs, torch.tensor(full.losses), rtol=1e-6, atol=0)
+    assert update_difference(whole, halves) < 1e-3
+
+
+def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
+    """DDP over 2 CPU processes (gloo) with batch 4 each gives the weights of one process with batch 8.
+
+    Lightning gives each rank a DistributedSampler (shuffled with the run's seed, 0) over the 16 images; rank r
+    reads the permutation's entries r, r + 2, ..., and training_draws gives it the same rows of each step's
+    draw. The single process reads the same permutation whole (DistributedSampler for one replica), so both
+    runs see the same (image, t, noise) triples in every global batch. DDP averages the
+    two ranks' gradients (all-reduce, then / 2) where one process sums 8 terms: float rounding alone, so the
+    weight updates after 3 steps agree to the accumulation test's bound (1e-3 relative; a mismatched draw of
+    t or noise gives O(1)).
+    """
+    single = make_module()
+    fit(single, tmp_path / "single", batch_size=8, distributed_order=True)
+    ddp = make_module()
+    fit(ddp, tmp_path / "ddp", batch_size=4, devices=2, strategy="ddp_spawn")  # ddp_spawn: inside pytest
+    assert update_difference(single, ddp) < 1e-3
+
+
+# ---- torch.compile --------------------------------------------------------------------------------------
+
+
+def test_compile_trains_end_to_end(tmp_path: Path, trained_run: Path) -> None:
+    """compile=true through train.py: the compile time printed once and logged, and checkpoints as an eager
+    run's. The aot_eager backend runs TorchDynamo's capture and AOTAutograd's joint graph as inductor does, but
+    runs the captured ATen ops instead of generating C++ (inductor's first step takes ~70 s on this CPU), so its
+    weights match the eager run's (trained_run: the same config) to float rounding."""
+    run_dir = tmp_path / "run"
+    out = train(run_dir, "schedule=linear", "compile=true", "compile_options.backend=aot_eager").stdout
+    assert out.count("torch.compile: ") == 1, out
+    metrics = (run_dir / "logs" / "metrics.csv").read_text()
+    assert "perf/compile_s" in metrics.splitlines()[0]
+    compiled = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    eager = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert compiled["global_step"] == eager["global_step"] == 8
+    for key in ("state_dict", "current_model_state"):
+        assert compiled[key].keys() == eager[key].keys()  # nn.Module.compile: no _orig_mod prefixes
+        for name, value in eager[key].items():
+            torch.testing.assert_close(compiled[key][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_inductor_forward_matches_eager() -> None:
+    """The UNet compiled by inductor (generated C++) predicts what the eager net does, within 1e-5 (fused
+    kernels sum in another order; measured ~1e-7). One level, no attention beyond the middle: ~20 s of compile."""
+    torch.manual_seed(0)
+    net = UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), dropout=0.0, norm_groups=8).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        expected = net(x, t)
+        net.compile()
+        got = net(x, t)
+    assert expected.abs().mean() > 0.01
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_bad_mode_is_one_line(tmp_path: Path) -> None:
+    proc = train(tmp_path / "run", "compile=true", "compile_options.mode=fastest", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "compile_options" in lines[0] and "fastest" in lines[0] and "max-autotune" in lines[0]
+
+
+# ---- FSDP ---------------------------------------------------------------------------------------------
+
+
+def test_fsdp_config_builds_a_sharding_strategy() -> None:
+    """hardware=fsdp: Lightning's FSDPStrategy with each ResBlock and AttnBlock an FSDP unit, full checkpoints."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from ddpm.unet import AttnBlock, ResBlock
+
+    strategy = hydra.utils.instantiate(compose_train("hardware=fsdp").trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy._state_dict_type == "full"
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert set(policy._module_classes) == {ResBlock, AttnBlock}
+
+
+def test_fsdp_with_ema_fails_at_start(tmp_path: Path) -> None:
+    """Lightning's WeightAveraging cannot average sharded weights: hardware=fsdp with the EMA callback (the
+    default callbacks) stops before anything runs, with one line that says what to do."""
+    proc = train(tmp_path / "run", "hardware=fsdp", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "hardware=fsdp" in lines[0] and "~callbacks.ema" in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ---- sweeps through submitit -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    reason="hydra-submitit-launcher is not installed (pip install -e .[submitit]; make install does)",
+)
+def test_submitit_local_sweep_runs_both_jobs(tmp_path: Path) -> None:
+    """hydra/launcher=submitit_local: each job of `-m schedule=linear,cosine` runs as its own submitit process
+    and writes its run dir, config and last.ckpt under the sweep dir."""
+    from conftest import run_script
+
+    sweep = tmp_path / "sweep"
+    run_script(
+        "train.py", "-m", "hydra/launcher=submitit_local", "debug=fast", "schedule=linear,cosine",
+        f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10",
+    )  # fmt: skip
+    for job, schedule in (("0", "linear"), ("1", "cosine")):
+        ckpt = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 8 and ckpt["hyper_parameters"]["schedule"] == schedule
+        assert f"name: {schedule}" in (sweep / job / ".hydra" / "config.yaml").read_text()
+    logs = list((sweep / ".submitit").glob("*/*_result.pkl"))
+    assert len(logs) == 2, sorted(p.name for p in (sweep / ".submitit").rglob("*"))
