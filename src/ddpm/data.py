@@ -20,6 +20,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm.registry import registrar
 from ddpm.schema import ConfigError, check_data
 
 DIGITS_LEVELS = 16  # scikit-learn's digits hold integers 0..16 per pixel
@@ -152,14 +153,7 @@ Builder = Callable[[DataSpec], tuple[Dataset, Dataset, int | None]]
 DATASETS: dict[str, Builder] = {}
 
 
-def register_dataset(name: str) -> Callable[[Builder], Builder]:
-    """Decorator that adds `build(spec) -> (train, val, num_classes)` to DATASETS under `name`."""
-
-    def add(fn: Builder) -> Builder:
-        DATASETS[name] = fn
-        return fn
-
-    return add
+register_dataset = registrar(DATASETS)  # `@register_dataset(name)` adds `build(spec) -> (train, val, num_classes)`.
 
 
 @register_dataset("digits")

@@ -45,6 +45,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from ddpm.digits_classifier import NUM_CLASSES, WEIGHTS_PATH, DigitsFeatures, load_digits_classifier, weights_digest
+from ddpm.registry import registrar
 
 SampleMetric = Literal["fid", "kid", "confidence", "coverage"]  # computed by SampleEvaluator
 Metric = Literal["fid", "kid", "confidence", "coverage", "bpd"]  # bpd: heldout_bits_per_dim
@@ -73,14 +74,7 @@ ExtractorFactory = Callable[..., nn.Module]
 EXTRACTORS: dict[str, ExtractorFactory] = {}
 
 
-def register_extractor(name: str) -> Callable[[ExtractorFactory], ExtractorFactory]:
-    """Decorator: make `factory(**options) -> nn.Module` available as extractor `name`."""
-
-    def add(factory: ExtractorFactory) -> ExtractorFactory:
-        EXTRACTORS[name] = factory
-        return factory
-
-    return add
+register_extractor = registrar(EXTRACTORS)  # `@register_extractor(name)` makes `factory(**options) -> nn.Module` extractor `name`.
 
 
 def build_extractor(name: str, **options: Any) -> nn.Module:

@@ -15,19 +15,14 @@ from typing import Callable
 
 import torch
 
+from ddpm.registry import registrar
+
 MAX_BETA = 0.999  # Nichol & Dhariwal 2021, sec. 3.2: clip betas to avoid singularities near t = T
 
 SCHEDULES: dict[str, Callable[[int], torch.Tensor]] = {}
 
 
-def register_schedule(name: str) -> Callable[[Callable[[int], torch.Tensor]], Callable[[int], torch.Tensor]]:
-    """Decorator that adds a `betas(timesteps) -> (T,) float64` function to the registry under `name`."""
-
-    def add(fn: Callable[[int], torch.Tensor]) -> Callable[[int], torch.Tensor]:
-        SCHEDULES[name] = fn
-        return fn
-
-    return add
+register_schedule = registrar(SCHEDULES)  # `@register_schedule(name)` adds a `betas(timesteps) -> (T,) float64` function.
 
 
 @register_schedule("linear")
