@@ -73,7 +73,7 @@ def main() -> None:
     train, _ = digits_split("train")
     evaluator = SampleEvaluator(val, floor_real=train, metrics=("fid", "confidence", "coverage"))
     results: dict = {
-        "ckpt": str(args.ckpt), "global_step": loaded.global_step, "n": args.n, "seeds": seeds, "sde_s_tmax": SDE_S_TMAX,
+        "ckpt": str(args.ckpt), "global_step": loaded.global_step, "n": args.n, "seeds": [], "sde_s_tmax": SDE_S_TMAX,
         "fid": [], "guidance": [],
     }  # fmt: skip
 
@@ -93,6 +93,7 @@ def main() -> None:
         ]  # fmt: skip
         for seed in seeds:
             results["fid"] += [score(*setting, seed) for setting in settings]
+            results["seeds"].append(seed)
             write(results, args.out)  # after every seed, so that a long run keeps what it has
         for sampler, nfe, fid, sd in fid_means(results["fid"]):
             print(f"{sampler:14s} nfe={nfe:5d}  mean fid over {len(seeds)} seeds {fid:7.2f} (sd {sd:.2f})")
@@ -156,7 +157,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations per sample")
-    seeds = results.get("seeds", [0])
+    seeds = {r.get("seed", 0) for r in results["fid"]}
     ax.set_ylabel(f"digits-FID (n={results['n']}, mean of {len(seeds)} seeds)" if len(seeds) > 1 else f"digits-FID (n={results['n']})")
     ax.set_title(f"samplers on digits, step {results['global_step']}")
     ax.legend()
