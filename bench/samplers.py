@@ -1,13 +1,13 @@
 """Sampler benchmark: digits-FID (against its floor) by number of network evaluations, and guided-class accuracy.
 
-    python bench/samplers.py --ckpt outputs/runs/demo --n 2000             # FID vs NFE for every sampler
+    python bench/samplers.py --ckpt outputs/runs/demo --seeds 0,1,2,3,4    # FID vs NFE for every sampler
     python bench/samplers.py --ckpt outputs/runs/cond --guidance 0,1,2,3,5  # + class accuracy by guidance scale
 
 From one trained digits checkpoint it draws `--n` samples per setting with each sampler (ddim, dpmsolver++,
 dpmsolver++sde, heun at 5..100 evaluations; ddpm over all T as the reference) and scores them with ddpm.metrics'
 digits-FID against the val split (floor: the same FID of n real train images, at most the train split's size).
-At n = 500 the FID of one sampler moves by 3 to 7 from seed to seed (the mean-feature term: how often each
-digit is drawn), more than the differences between samplers at 20 evaluations: `--seeds 0,1,2,...` repeats every
+At n = 500 the FID of one sampler moves by 3 to 7 from seed to seed (mostly its mean-feature term), more
+than the differences between samplers at 20 evaluations: `--seeds 0,1,2,...` repeats every
 setting over independent draws, and the plot shows each setting's mean over them. Heun makes 2 K - 1
 evaluations for K timesteps, so it runs at K = (NFE + 1) // 2. For a class-conditional checkpoint,
 `--guidance` lists scales s (0: unconditional, 1: conditional, > 1: stronger); each draws n samples
@@ -56,13 +56,17 @@ def main() -> None:
     p.add_argument("--guidance-nfe", type=int, default=20)
     p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
     p.add_argument("--skip-fid", action="store_true", help="only the guidance figures")
-    p.add_argument("--replot", metavar="JSON", help="only redraw the plot from an earlier run's JSON")
+    p.add_argument("--replot", metavar="JSON", nargs="+", help="only redraw the plot from earlier runs' JSON; several (runs over other seeds) are merged into --out")
     p.add_argument("--seeds", default="0", help="one draw of n samples per seed for every setting, e.g. 0,1,2,3,4")
     p.add_argument("--out", default="bench/results/samplers.json")
     p.add_argument("--plot", default="docs/samplers_fid.png")
     args = p.parse_args()
     if args.replot:
-        plot(json.loads(Path(args.replot).read_text()), args.plot)
+        runs = [json.loads(Path(path).read_text()) for path in args.replot]
+        results = {**runs[0], "seeds": [s for r in runs for s in r.get("seeds", [])], "fid": [row for r in runs for row in r["fid"]]}
+        if len(runs) > 1:
+            write(results, args.out)
+        plot(results, args.plot)
         return
     seeds = [int(v) for v in args.seeds.split(",")]
     torch.manual_seed(seeds[0])
