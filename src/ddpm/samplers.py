@@ -140,7 +140,7 @@ def dpm_solver_pp_2m_sample(
     return _dpm_solver_pp_2m(diffusion, model, x, None, 0.0, 0.0, progress, model_kwargs, clip_denoised, "dpmsolver++")
 
 
-SDE_S_TMAX = 1.0  # dpmsolver++sde's default S_tmax, chosen by digits-FID at 20 evaluations on the val split (README)
+SDE_S_TMAX = 1.0  # dpmsolver++sde's default S_tmax, chosen by digits-FID at 20 evaluations on the val split (README, "Samplers")
 
 
 @register_sampler("dpmsolver++sde", spacing="karras")
@@ -152,9 +152,9 @@ def sde_dpm_solver_pp_2m_sample(
     """SDE-DPM-Solver++(2M) (Lu et al. 2022; diffusers' "sde-dpmsolver++"), noise on the low-noise steps only.
 
     The update of `_dpm_solver_pp_2m` with noise scale 1 on the steps whose sigma/alpha is at most `s_tmax`
-    (Karras et al. 2022's S_tmax: at few steps, fresh noise corrects the network's errors where the noise
-    is low and costs more discretisation error than it corrects where it is high); the other steps are the
-    ODE's. s_tmax = inf injects noise on every step (Lu et al.'s SDE solver as published); 0 is dpmsolver++.
+    (Karras et al. 2022's S_tmax: fresh noise can correct the network's errors, at the cost of a larger
+    discretisation error per step, which at few steps is largest where the noise is high); the other
+    steps are the ODE's. s_tmax = inf injects noise on every step (Lu et al.'s SDE solver as published); 0 is dpmsolver++.
     Every choice keeps the marginals of the diffusion (Karras et al. 2022 eq. 6), so the sampler converges
     to the data as the steps grow. `eta` is ignored (the solver is stochastic by definition, as ddpm is).
     """
