@@ -216,3 +216,86 @@ def test_spacings_give_sorted_timesteps_that_end_at_the_noisiest_step(spacing):
     assert spaced_timesteps(1000, 5, "trailing").tolist() == [199, 399, 599, 799, 999]
     with pytest.raises(ValueError, match="spacing must be one of uniform, trailing, karras"):
         spaced_timesteps(1000, 5, "log")
+
+
+def dpm_solver_chain_moments(schedule: str, steps: int, s_tmax: float, spacing: str = "karras") -> tuple[float, float]:
+    """Exact mean and variance of DPM-Solver++(2M)'s output for data N(MU, SD^2), noise on steps with sigma/alpha <= s_tmax.
+
+    The multistep update x' = A x + B D + n z, D = x0_hat + c (x0_hat - x0_prev), with x0_hat = offset + g x
+    (as in reverse_chain_moments), A = (sigma'/sigma) e^{-eta h}, B = alpha' (1 - e^{-(1 + eta) h}),
+    n = sigma' sqrt(1 - e^{-2 eta h}), c = h / (2 h_prev) (0 on the first step) and eta = 1 where noise enters,
+    is linear in the state (x, x0_prev): its mean and 2x2 covariance follow exactly. The last step returns x0_hat.
+    """
+    alphas_cumprod = torch.cumprod(1 - make_betas(schedule, 1000), 0)
+    alphas_cumprod = alphas_cumprod[spaced_timesteps(1000, steps, spacing, alphas_cumprod)].tolist()
+    mean, cov = torch.zeros(2, dtype=torch.float64), torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    previous_h = None
+    for i in range(len(alphas_cumprod) - 1, 0, -1):
+        a, a_next = alphas_cumprod[i], alphas_cumprod[i - 1]
+        g = math.sqrt(a) * SD**2 / (a * SD**2 + 1 - a)
+        offset = MU - g * math.sqrt(a) * MU
+        h = 0.5 * math.log(a_next / (1 - a_next)) - 0.5 * math.log(a / (1 - a))
+        eta = 1.0 if math.sqrt((1 - a) / a) <= s_tmax else 0.0
+        A = math.sqrt((1 - a_next) / (1 - a)) * math.exp(-eta * h)
+        B = math.sqrt(a_next) * (1 - math.exp(-(1 + eta) * h))
+        n2 = (1 - a_next) * (1 - math.exp(-2 * eta * h))
+        c = 0.0 if previous_h is None else h / (2 * previous_h)
+        M = torch.tensor([[A + B * (1 + c) * g, -B * c], [g, 0.0]], dtype=torch.float64)
+        mean = M @ mean + torch.tensor([B * (1 + c) * offset, offset], dtype=torch.float64)
+        cov = M @ cov @ M.T + torch.diag(torch.tensor([n2, 0.0], dtype=torch.float64))
+        previous_h = h
+    a = alphas_cumprod[0]
+    g = math.sqrt(a) * SD**2 / (a * SD**2 + 1 - a)
+    return MU - g * math.sqrt(a) * MU + g * mean[0].item(), g**2 * cov[0, 0].item()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler,s_tmax", [("dpmsolver++", 0.0), ("dpmsolver++sde", 1.0), ("dpmsolver++sde", math.inf)])
+def test_dpm_solver_samples_have_the_exact_multistep_moments(schedule, sampler, s_tmax):
+    """ODE and SDE DPM-Solver++(2M) at 20 Karras-spaced steps: sample moments equal the exact recursion
+    within 5 standard errors (the SDE's noise draws and the 2nd-order memory both enter the recursion)."""
+    diffusion = GaussianDiffusion(make_betas(schedule, 1000))
+    oracle = GaussianOracle(diffusion, torch.full((2,), MU), torch.eye(2) * SD**2)
+    options = {"s_tmax": s_tmax} if sampler == "dpmsolver++sde" else None
+    x = diffusion.sample(oracle, (N, 2), sampler=sampler, steps=20, generator=torch.Generator().manual_seed(0),
+                         clip_denoised=False, sampler_options=options).double()  # fmt: skip
+    m, V = dpm_solver_chain_moments(schedule, 20, s_tmax)
+    assert torch.all((x.mean(0) - m).abs() < 5 * math.sqrt(V / N))
+    assert torch.all((x.var(0) - V).abs() < 5 * V * math.sqrt(2 / (N - 1)))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("s_tmax", [1.0, math.inf])
+def test_sde_dpm_solver_converges_to_the_data_as_steps_grow(schedule, s_tmax):
+    """The exact spread's error shrinks from 50 to 200 to 1000 Karras-spaced steps and is under 1% at 1000
+    (at 50: about 2% linear, 10% cosine); the mean is exact within 1e-3 throughout. Sampled check at 200."""
+    moments = [dpm_solver_chain_moments(schedule, s, s_tmax) for s in (50, 200, 1000)]
+    errors = [abs(math.sqrt(V) / SD - 1) for _, V in moments]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.01
+    assert all(abs(m - MU) < 1e-3 for m, _ in moments)
+    diffusion = GaussianDiffusion(make_betas(schedule, 1000))
+    oracle = GaussianOracle(diffusion, torch.full((2,), MU), torch.eye(2) * SD**2)
+    x = diffusion.sample(oracle, (N, 2), "dpmsolver++sde", 200, generator=torch.Generator().manual_seed(2),
+                         clip_denoised=False, sampler_options={"s_tmax": s_tmax})  # fmt: skip
+    assert torch.all((x.mean(0) - MU).abs() < 0.01) and torch.all((x.std(0) / SD - 1).abs() < 0.03)
+
+
+def test_sde_dpm_solver_without_noise_steps_is_dpm_solver():
+    diffusion = GaussianDiffusion(make_betas("linear", 1000))
+    oracle = GaussianOracle(diffusion, torch.full((2,), MU), torch.eye(2) * SD**2)
+    ode = diffusion.sample(oracle, (64, 2), "dpmsolver++", 20, generator=torch.Generator().manual_seed(1))
+    sde = [diffusion.sample(oracle, (64, 2), "dpmsolver++sde", 20, generator=torch.Generator().manual_seed(1), sampler_options={"s_tmax": s})
+           for s in (0.0, 1.0)]  # fmt: skip
+    assert torch.equal(ode, sde[0]) and not torch.equal(ode, sde[1])
+
+
+def test_sde_dpm_solver_reproduces_the_mixture_at_20_steps():
+    diffusion = GaussianDiffusion(make_betas("linear", 1000))
+    oracle = MixtureOracle(diffusion, MIX_WEIGHTS, MIX_MEANS, MIX_VARS)
+    x = diffusion.sample(oracle, (N, 2), sampler="dpmsolver++sde", steps=20, generator=torch.Generator().manual_seed(4), clip_denoised=False)
+    data, _ = sample_mixture(MIX_WEIGHTS, MIX_MEANS, MIX_VARS, 400_000, torch.Generator().manual_seed(5))
+    component = ((x.unsqueeze(1) - MIX_MEANS) ** 2).sum(-1).argmin(1)
+    assert abs((component == 1).float().mean().item() - 0.7) < 3.5 * math.sqrt(0.21 / N)
+    assert torch.allclose(x.mean(0), data.mean(0), atol=0.01)
+    # measured 0.024 off on the variance: about 9% wider in spread, as the exact Gaussian recursion has it at 20 steps
+    assert torch.allclose(torch.cov(x.T), torch.cov(data.T), atol=0.03)

@@ -376,12 +376,15 @@ class GaussianDiffusion(nn.Module):
         device: torch.device | str | None = None,
         noise: Tensor | None = None,
         spacing: Spacing | None = None,
+        sampler_options: dict | None = None,
     ) -> Tensor:
         """Generate x_0 of `shape` from x_T ~ N(0, I) by the reverse process; returns values in [-1, 1].
 
         sampler: a name in ddpm.samplers.SAMPLERS ("ddpm": ancestral sampling, Ho et al. 2020 Alg. 2;
         "ddim": Song et al. 2021 eq. 12 with `eta` in [0, 1]; "dpmsolver++": DPM-Solver++(2M);
-        "heun": Karras et al. 2022's 2nd-order solver, 2 steps - 1 evaluations). `steps` < T runs on a
+        "dpmsolver++sde": its SDE variant with noise on the low-noise steps; "heun": Karras et al. 2022's
+        2nd-order solver, 2 steps - 1 evaluations). `sampler_options`: keyword arguments particular to the
+        sampler (e.g. {"s_tmax": math.inf} for dpmsolver++sde). `steps` < T runs on a
         respaced process over `steps` timesteps placed by `spacing` (see spaced_timesteps; None: the
         sampler's default, uniform for ddpm and ddim, karras for the 2nd-order solvers).
         `generator` makes the result deterministic; `noise` gives x_T explicitly. Device: `device`,
@@ -401,7 +404,7 @@ class GaussianDiffusion(nn.Module):
         x = noise.to(device).float() if noise is not None else torch.randn(shape, generator=generator, device=device)
         x = samplers.SAMPLERS[sampler](
             diffusion, model, x, generator=generator, eta=eta, progress=progress,
-            model_kwargs=model_kwargs, clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs, clip_denoised=clip_denoised, **(sampler_options or {}),
         )
         return x.clamp(-1.0, 1.0)
 
