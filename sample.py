@@ -95,7 +95,7 @@ def sample(cfg: DictConfig) -> Path:
         y = label_cycle[torch.arange(start, start + b, device=device) % len(label_cycle)] if label_cycle is not None else None
         x = module.sample(
             b, cfg.sampler, cfg.steps, eta=cfg.eta, labels=y, progress=True, generator=generator,
-            guidance_scale=cfg.guidance_scale, spacing=cfg.spacing,
+            guidance_scale=cfg.guidance_scale, spacing=cfg.spacing, sampler_options=dict(cfg.sampler_options),
         )  # fmt: skip
         samples.append(x.float().cpu())
         if y is not None:

@@ -41,6 +41,18 @@ def test_same_seed_same_samples(ckpt: Path, tmp_path: Path) -> None:
     assert not np.array_equal(x["s0"], x["live"])  # EMA and live weights differ
 
 
+def test_sampler_options_reach_the_sampler(ckpt: Path, tmp_path: Path) -> None:
+    """+sampler_options.s_tmax=0 turns SDE-DPM-Solver++ into DPM-Solver++ exactly (no step takes noise); the default
+    S_tmax injects noise, so its samples differ."""
+    x = {}
+    for name, overrides in {"ode": ["sampler=dpmsolver++"], "sde0": ["sampler=dpmsolver++sde", "+sampler_options.s_tmax=0"],
+                            "sde": ["sampler=dpmsolver++sde"]}.items():  # fmt: skip
+        sample(tmp_path / name, ckpt, "n=4", *overrides)
+        x[name] = np.load(tmp_path / name / "samples.npz")["samples"]
+    assert np.array_equal(x["ode"], x["sde0"])
+    assert not np.allclose(x["ode"], x["sde"])
+
+
 def test_ddpm_sampler_full_chain(ckpt: Path, tmp_path: Path) -> None:
     sample(tmp_path / "d", ckpt, "n=2", "sampler=ddpm", "steps=null")
     assert np.load(tmp_path / "d" / "samples.npz")["samples"].shape == (2, 1, 8, 8)
@@ -96,6 +108,7 @@ def test_conditional_learned_variance_run_samples_labels(tmp_path: Path) -> None
         ("batch_size=0", "batch_size=0 is invalid: expected an integer >= 1"),
         ("metrics_bpd_timesteps=0", "metrics_bpd_timesteps=0 is invalid"),
         ("extractor=resnet", "extractor='resnet' is invalid: expected digits or inception"),
+        ("+sampler_options.s_tmax=1", "sampler_options.s_tmax=1 is invalid: expected an option of sampler ddim: none"),
     ],
 )
 def test_check_sample_names_the_key(override: str, named: str, tmp_path: Path) -> None:

@@ -118,11 +118,12 @@ def _hydra_message(e: BaseException) -> str | None:
 
 
 def _suggest(key: str, node: Any) -> str:
-    """` (did you mean module.lr?)` for a mistyped key, from the keys of `node`, the config node it was looked up in."""
+    """` (did you mean module.lr?)` for a mistyped key, from the keys of `node`, the config node it was looked up in;
+    with no close key, how Hydra adds one (`+sampler_options.s_tmax=...`: options without defaults in the YAML)."""
     parent, _, leaf = key.rpartition(".")
     names = [str(k) for k in node.keys()] if OmegaConf.is_dict(node) else []
     close = difflib.get_close_matches(leaf, names, n=1)
-    return f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+    return f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else f" (a new key is added with +{key}=...)"
 
 
 def _is_misconfiguration(e: BaseException) -> bool:

@@ -306,6 +306,7 @@ class DiffusionModule(LightningModule):
         generator: torch.Generator | None = None,
         guidance_scale: float = 1.0,
         spacing: str | None = None,
+        sampler_options: dict | None = None,
     ) -> Tensor:
         """n images (n, C, H, W) in [-1, 1] from this module's weights, deterministic for `seed`
         (or drawn from `generator`, which then replaces the seed, to continue one stream over batches).
@@ -313,6 +314,7 @@ class DiffusionModule(LightningModule):
         Conditional models get `labels` (n,), by default 0, 1, ..., num_classes - 1 repeated, and
         `guidance_scale` s (classifier-free guidance: 0 unconditional, 1 conditional, > 1 stronger).
         `spacing`: where the `steps` timesteps lie (None: the sampler's default; see ddpm.diffusion.spaced_timesteps).
+        `sampler_options`: keywords particular to the sampler (ddpm.samplers.sampler_options), e.g. {"s_tmax": 0.5}.
         """
         device = self.diffusion.betas.device
         if self.conditional and labels is None:
@@ -327,7 +329,7 @@ class DiffusionModule(LightningModule):
             return self.diffusion.sample(
                 model, (n, *self.image_shape), sampler=sampler, steps=steps, eta=eta, generator=g,
                 progress=progress, model_kwargs=None if labels is None else {"y": labels.to(device)}, device=device,
-                spacing=spacing,
+                spacing=spacing, sampler_options=sampler_options,
             )  # fmt: skip
         finally:
             self.unet.train(was_training)

@@ -14,6 +14,7 @@ References:
 """
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -37,6 +38,15 @@ def register_sampler(name: str, spacing: str = "uniform") -> Callable[[Sampler],
         return fn
 
     return add
+
+
+COMMON_OPTIONS = frozenset({"generator", "eta", "progress", "model_kwargs", "clip_denoised"})
+
+
+def sampler_options(name: str) -> dict[str, object]:
+    """The keyword options particular to sampler `name` (beyond COMMON_OPTIONS), with their defaults."""
+    params = inspect.signature(SAMPLERS[name]).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in COMMON_OPTIONS}
 
 
 def _reverse_steps(diffusion: GaussianDiffusion, progress: bool, desc: str) -> list[int]:

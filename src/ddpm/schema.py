@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Mapping, Optional, get_args
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
@@ -83,6 +83,7 @@ class SampleSchema:
     steps: Optional[int] = MISSING
     spacing: Optional[str] = None
     eta: float = 0.0
+    sampler_options: Dict[str, Any] = field(default_factory=dict)
     class_label: Any = None  # null, an int or a list of ints
     guidance_scale: float = 1.0
     n: int = MISSING
@@ -290,9 +291,8 @@ def check_train(cfg: DictConfig) -> None:
 
 def check_sample(cfg: DictConfig) -> None:
     """sample.py's options that need no checkpoint (`steps` against T and `class_label` against the classes wait for it)."""
-    from ddpm.samplers import SAMPLERS
-
     from ddpm.config import resolve_ckpt, unreadable_checkpoint
+    from ddpm.samplers import SAMPLERS, sampler_options
 
     _check_required(cfg, {"ckpt": "ckpt=PATH, a checkpoint file or a run dir (outputs/runs/<name>)"})
     check("ckpt", cfg.ckpt, isinstance(cfg.ckpt, str), "a checkpoint file or a run dir")
@@ -315,6 +315,12 @@ def check_sample(cfg: DictConfig) -> None:
     for name, (ok, accepted) in rules.items():
         if name in cfg:
             check(name, cfg[name], lambda: ok(cfg[name]), accepted)
+    known = sampler_options(cfg.sampler)
+    for name, value in (cfg.get("sampler_options") or {}).items():
+        accepted = ", ".join(f"{k} (default {v})" for k, v in known.items()) or "none"
+        check(f"sampler_options.{name}", value, name in known, f"an option of sampler {cfg.sampler}: {accepted}")
+        if isinstance(known[name], (int, float)):
+            check(f"sampler_options.{name}", value, _is_number(value), f"a number (default {known[name]})")
 
 
 class Validate(Callback):
