@@ -144,14 +144,15 @@ def test_tracebacks_on_request(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "model/huge" in proc.stderr
 
 
-def test_bad_value_leaves_an_existing_run_untouched(trained_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overrides, named", [(("module.lr=-1",), "module.lr=-1"), (("data=folder", "data.root=nowhere"), "data.root=nowhere")])
+def test_bad_value_leaves_an_existing_run_untouched(overrides: tuple[str, ...], named: str, trained_run: Path, tmp_path: Path) -> None:
     """A bad override aimed at an existing run (say with resume=true) is refused before Hydra rewrites its saved
-    config: .hydra/ and the checkpoints are byte for byte what they were."""
+    config: .hydra/ and the checkpoints are byte for byte what they were (a missing data folder is found then too)."""
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    proc = run_script("train.py", *FAST, f"hydra.run.dir={run}", "resume=true", "module.lr=-1", check=False)
-    assert proc.returncode == 2 and "module.lr=-1" in proc.stderr
+    proc = run_script("train.py", *FAST, f"hydra.run.dir={run}", "resume=true", *overrides, check=False)
+    assert proc.returncode == 2 and named in proc.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

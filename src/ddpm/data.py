@@ -254,6 +254,28 @@ def _examples(paths: list[Path], folder: Path) -> str:
     return shown + (", ..." if len(paths) > 3 else "")
 
 
+def _image_folder(root: str | None) -> Path:
+    """`root` as a folder, or DataError naming data.root (not set, missing, a file)."""
+    if not root:
+        raise DataError("data.root is not set: point it at a folder of images (data=folder data.root=PATH)")
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise DataError(f"data.root={root}: {what}; expected a folder of images (png, jpg, ...), searched recursively")
+    return folder
+
+
+def check_data_source(dataset: str, root: str | None) -> None:
+    """DataError unless the files of `dataset` are where `root` says (their presence only; content is read at setup).
+
+    Cheap, so the Validate callback (ddpm.schema) runs it before Hydra writes into a run dir.
+    """
+    if dataset == "folder":
+        _image_folder(root)
+    elif dataset == "cifar10":
+        _cifar10_dir(root)
+
+
 def scan_image_folder(root: str | None, resolution: int | None = None) -> tuple[list[Path], list[int], list[str]]:
     """The usable images under `root` (recursive, sorted) with labels from their top-level subfolder.
 
@@ -263,12 +285,7 @@ def scan_image_folder(root: str | None, resolution: int | None = None) -> tuple[
     subfolder when every image sits in one (ImageFolder layout), else 0. Raises DataError when the folder is missing
     or holds no usable image.
     """
-    if not root:
-        raise DataError("data.root is not set: point it at a folder of images (data=folder data.root=PATH)")
-    folder = Path(root).expanduser()
-    if not folder.is_dir():
-        what = "a file, not a folder" if folder.exists() else "no such folder"
-        raise DataError(f"data.root={root}: {what}; expected a folder of images (png, jpg, ...), searched recursively")
+    folder = _image_folder(root)
     files, not_images, broken, small = [], [], [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:

@@ -283,6 +283,10 @@ def check_train(cfg: DictConfig) -> None:
     if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().exists():  # which checkpoint in it: train.py decides
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file or run dir")
     check_data(cfg.data)
+    if cfg.data.get("dataset") in ("folder", "cifar10"):  # files on disk: found before the run dir is written
+        from ddpm.data import check_data_source
+
+        check_data_source(cfg.data.dataset, cfg.data.get("root"))
     check_module({k: cfg.module[k] for k in cfg.module if not k.startswith("_") and k != "unet"})
     model = cfg.model if _origin(cfg.module, "unet", "") == "model" else cfg.module.unet
     check_model(model, _origin(model, "image_size", "model.image_size"), _origin(model, "in_channels", "model.in_channels"))
