@@ -64,7 +64,7 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
     if group == "data" and option == "folder":
         overrides += [f"data.root={tmp_path}"]
     cfg = compose_train(overrides, tmp_path)
-    check_train(cfg)  # the Validate callback's checks accept every shipped option
+    check_train(cfg)  # the value checks accept every shipped option (data files: check_train_run, at run time)
     module = instantiate_all(cfg)
     # geometry comes from one place: the data's resolution and channels
     assert module.image_shape == (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)

@@ -283,14 +283,19 @@ def check_train(cfg: DictConfig) -> None:
     if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().exists():  # which checkpoint in it: train.py decides
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file or run dir")
     check_data(cfg.data)
-    if cfg.data.get("dataset") in ("folder", "cifar10"):  # files on disk: found before the run dir is written
-        from ddpm.data import check_data_source
-
-        check_data_source(cfg.data.dataset, cfg.data.get("root"))
     check_module({k: cfg.module[k] for k in cfg.module if not k.startswith("_") and k != "unet"})
     model = cfg.model if _origin(cfg.module, "unet", "") == "model" else cfg.module.unet
     check_model(model, _origin(model, "image_size", "model.image_size"), _origin(model, "in_channels", "model.in_channels"))
     check_trainer(cfg.trainer, _origin(cfg.trainer, "precision", "trainer.precision"))
+
+
+def check_train_run(cfg: DictConfig) -> None:
+    """check_train, then whether the data's files are where data.root says (their content is read at setup)."""
+    check_train(cfg)
+    if cfg.data.get("dataset") in ("folder", "cifar10"):
+        from ddpm.data import check_data_source
+
+        check_data_source(cfg.data.dataset, cfg.data.get("root"))
 
 
 def check_sample(cfg: DictConfig) -> None:
@@ -337,7 +342,7 @@ class Validate(Callback):
     """
 
     def __init__(self, check: str) -> None:
-        self.check = {"train": check_train, "sample": check_sample}[check]
+        self.check = {"train": check_train_run, "sample": check_sample}[check]
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from ddpm.config import clean_errors
