@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -34,16 +34,6 @@ from ddpm.guidance import ClassifierFreeGuidance
 from ddpm.schema import check_module
 
 QUARTILES = 4
-
-
-def _check(key: str, value: Any, ok: Callable[[], bool], accepted: str) -> None:
-    """Raise ConfigError naming key, value and what is accepted unless ok() holds (a TypeError counts as no)."""
-    try:
-        good = bool(ok())
-    except TypeError:
-        good = False
-    if not good:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {accepted}")
 
 
 def _is_nhwc(x: Tensor) -> bool:
@@ -126,7 +116,6 @@ class DiffusionModule(LightningModule):
         if unknown:
             raise ConfigError(f"model.{unknown[0]} is not a UNet argument; known: {', '.join(sorted(known))}")
         check_module({k: v for k, v in self.hparams.items() if k != "unet"})  # by config key: module.lr, ...
-        _check("module.optimizer", optimizer, lambda: optimizer in ("adam", "adamw"), "adam or adamw")
         from ddpm.evaluation import validate_metrics
 
         validate_metrics(eval_metrics, key="module.eval_metrics")

@@ -146,6 +146,7 @@ def check_module(args: Mapping[str, Any]) -> None:
     T = a.get("timesteps", 1000)
     check("schedule.timesteps", T, lambda: _is_int(T) and T >= 1, "an integer >= 1")
     rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
         "schedule": (lambda v: v in SCHEDULES, " or ".join(sorted(SCHEDULES))),
         "objective": (lambda v: v in get_args(Objective), " or ".join(get_args(Objective))),
         "variance": (lambda v: v in get_args(Variance), " or ".join(get_args(Variance))),
