@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python bench/profile_step.py eager
     OMP_NUM_THREADS=2 python bench/profile_step.py compiled
 
-ddpm_cifar10 preset, batch 8 at 32x32, channels_last, bf16 autocast, loss + backward + clipping + foreach Adam
+ddpm_cifar10 preset, batch 8 at 32x32, channels_last, bf16 autocast, loss + backward + clipping + fused Adam
 (the module's step under bf16-mixed). Two warm-up steps, then two profiled ones; prints the convolutions' share
 of the self CPU time and the top operators.
 """
@@ -25,7 +25,7 @@ def main() -> None:
     net = UNet().to(memory_format=torch.channels_last)
     model = torch.compile(net) if mode == "compiled" else net
     diffusion = GaussianDiffusion(make_betas("linear", 1000))
-    opt = torch.optim.Adam(net.parameters(), 2e-4, foreach=True)
+    opt = torch.optim.Adam(net.parameters(), 2e-4, fused=True)
     x0 = (torch.rand(8, 3, 32, 32) * 2 - 1).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
 
     def step() -> None:

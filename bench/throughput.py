@@ -11,7 +11,7 @@ hits them alike):
 
 - training images/s for the step the Trainer runs: forward + `GaussianDiffusion.training_loss` (under
   autocast; the schedule math and the loss stay fp32) + backward + gradient clipping (norm 1) + Adam
-  (fused in fp32, foreach under autocast, as DiffusionModule builds it) + EMA update (`AveragedModel`
+  (fused; foreach under 16-mixed, where the loss scale must come off before clipping; as DiffusionModule builds it) + EMA update (`AveragedModel`
   with `get_ema_multi_avg_fn`, the path of Lightning's `WeightAveraging`);
 - sampling images/s: reverse steps (`p_mean_variance` + noise, one network evaluation per image)
   under `torch.inference_mode()`, the steps of a repetition inside one autocast region as in a sampler;
@@ -149,8 +149,8 @@ class Runner:
         self.net = torch.compile(self.model) if cfg.compile else self.model
         self.diffusion = GaussianDiffusion(make_betas("linear", 1000)).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # as DiffusionModule builds it: fused Adam; foreach under autocast, where Lightning will not clip for a fused one
-        impl = {"fused": True} if cfg.precision == "32" else {"foreach": True}
+        # as DiffusionModule builds it: fused Adam; foreach under 16-mixed, which unscales before clipping
+        impl = {"foreach": True} if cfg.precision == "16-mixed" else {"fused": True}
         self.opt = torch.optim.Adam(self.params, lr=2e-4, **impl)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(0.9999), use_buffers=False)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "16-mixed" else None

@@ -102,13 +102,13 @@ def compose_train(*overrides: str):
 
 
 def test_fused_adam_channels_last_and_fp32_ema(tmp_path: Path) -> None:
-    """fp32: torch's fused Adam; bf16-mixed with clipping: foreach (Lightning's AMP plugin will not clip for a fused
-    optimizer). NHWC conv weights and batches; the EMA copy of a bf16-mixed run stays fp32 and moves."""
+    """fp32 and bf16-mixed with clipping: torch's fused Adam (under bf16 the module clips, as Lightning's AMP plugin
+    refuses fused optimizers). NHWC conv weights and batches; the EMA copy of a bf16-mixed run stays fp32 and moves."""
     assert fit(make_module(), tmp_path, steps=1).optimizers[0].defaults["fused"] is True
     module, ema = make_module(), EMA(decay=0.9)
     trainer = fit(module, tmp_path, steps=2, precision="bf16-mixed", callbacks=[ema])
     opt = trainer.optimizers[0]
-    assert isinstance(opt, torch.optim.Adam) and opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"] is True
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
     convs = [p for p in module.unet.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
@@ -121,6 +121,38 @@ def test_fused_adam_channels_last_and_fp32_ema(tmp_path: Path) -> None:
     off = make_module(channels_last=False)
     assert all(p.is_contiguous() for p in off.unet.parameters())
     assert off.on_after_batch_transfer(rgb, 0)[0].is_contiguous()
+
+
+class GradientRecorder(pl.Callback):
+    """The gradients' total norm and largest magnitude as the optimizer used them (a step post-hook: Lightning clips
+    inside the optimizer's closure, so only after the step are the clipped gradients visible)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+        self.largest: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.optimizers[0].register_step_post_hook(self.record)
+
+    def record(self, optimizer, args, kwargs) -> None:
+        grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.norms.append(torch.cat(grads).norm().item())
+        self.largest.append(torch.cat(grads).abs().max().item())
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradient_clipping_applies_with_the_fused_optimizer(tmp_path: Path, precision: str) -> None:
+    """The fused optimizer sees clipped gradients: total norm equal to a clip value far below the raw norm (1e-4
+    relative: one rescaling in fp32), or, clipping by value, no component beyond it."""
+    raw, by_norm, by_value = GradientRecorder(), GradientRecorder(), GradientRecorder()
+    fit(make_module(), tmp_path, steps=2, precision=precision, callbacks=[raw], gradient_clip_val=None)
+    fit(make_module(), tmp_path, steps=2, precision=precision, callbacks=[by_norm], gradient_clip_val=1e-3)
+    fit(make_module(), tmp_path, steps=2, precision=precision, callbacks=[by_value], gradient_clip_val=1e-5,
+        gradient_clip_algorithm="value")  # fmt: skip
+    assert min(raw.norms) > 1e-2 and min(raw.largest) > 1e-4  # the clip values bind
+    assert len(by_norm.norms) == 2
+    torch.testing.assert_close(torch.tensor(by_norm.norms), torch.full((2,), 1e-3), rtol=1e-4, atol=0)
+    assert max(by_value.largest) <= 1e-5
 
 
 def test_bf16_and_channels_last_losses_close_to_fp32(tmp_path: Path) -> None:

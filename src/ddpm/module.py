@@ -251,20 +251,35 @@ class DiffusionModule(LightningModule):
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """Adam/AdamW with torch's fused kernel (one kernel for all parameters) where it has one for their device
-        and dtype, else the foreach implementation. Under Lightning's autocast plugin (bf16-mixed, 16-mixed) with
-        gradient clipping it is foreach too: that plugin refuses to clip for an optimizer that would unscale the
-        gradients inside its own step, as a fused one does."""
+        and dtype, else the foreach implementation. Under 16-mixed with gradient clipping it is foreach too: the
+        gradients must be unscaled before clipping, and a fused optimizer unscales inside its own step."""
         hp = self.hparams
         cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[hp.optimizer]
         kwargs = dict(lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         trainer = self._trainer
-        amp_clipping = trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision) and bool(trainer.gradient_clip_val)
-        if not amp_clipping:
+        plugin = trainer.precision_plugin if trainer is not None else None
+        scaled_clipping = isinstance(plugin, MixedPrecision) and plugin.scaler is not None and bool(trainer.gradient_clip_val)
+        if not scaled_clipping:
             try:
                 return cls(self.unet.parameters(), fused=True, **kwargs)
             except RuntimeError:  # no fused kernel for some parameter's device or dtype
                 pass
         return cls(self.unet.parameters(), foreach=True, **kwargs)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's clipping, except under bf16-mixed: there Lightning's autocast plugin refuses any fused
+        optimizer (one that could unscale inside its step), though bf16 has no loss scale, so the gradients are
+        the true ones and torch's clipping applies as under 32-true."""
+        plugin = self.trainer.precision_plugin
+        if not gradient_clip_val or not isinstance(plugin, MixedPrecision) or plugin.scaler is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
