@@ -3,14 +3,16 @@ one process, torch.compile, FSDP's refusal of EMA, and sweeps through the submit
 
 Trainer-level tests fit a DiffusionModule on the first 16 digits in a fixed order (shuffle off), so the same
 global batch can be fed whole, as accumulated halves, or split over two DDP processes. The module draws t and
-noise per optimizer step from one seeded stream and hands each rank and micro-batch its rows of it
+noise per optimizer step, row by row from seeded streams, and hands each rank and micro-batch its rows
 (`DiffusionModule.training_draws`), so every split sees the same (image, t, noise) triples and the runs can be
 compared weight for weight.
 """
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import lightning.pytorch as pl
@@ -207,6 +209,31 @@ def test_activation_checkpointing_same_gradients_less_memory() -> None:
 
 
 # ---- the same global batch, split three ways ----------------------------------------------------------
+
+
+def test_training_draws_are_rows_of_the_global_batch_draw() -> None:
+    """Rank r's micro-batch m under (world 2, accumulation 2, batch 2) gets exactly rows m*4 + 2i + r of the draw a
+    single process makes for the whole global batch of 8 at the same step: t, noise and dropout uniforms, bit for
+    bit. Another step or another initial seed draws other noise."""
+    module = make_module()
+    x0 = torch.zeros(8, 1, 8, 8)
+
+    def draws(world: int, rank: int, accum: int, batch_idx: int, step: int = 5, batch: int = 8):
+        module._trainer = SimpleNamespace(world_size=world, global_rank=rank, accumulate_grad_batches=accum, global_step=step)
+        return module.training_draws(x0[:batch], batch_idx)
+
+    torch.manual_seed(7)
+    t, noise, drop = draws(1, 0, 1, 0)
+    for m, r in itertools.product(range(2), range(2)):
+        rows = [m * 4 + 2 * i + r for i in range(2)]
+        got = draws(2, r, 2, batch_idx=10 + m, batch=2)  # batch_idx counts on across steps; m = batch_idx % accum
+        for full, part in zip((t, noise, drop), got):
+            assert torch.equal(full[rows], part)
+    assert not torch.equal(draws(1, 0, 1, 0, step=6)[1], noise)
+    torch.manual_seed(8)
+    assert not torch.equal(draws(1, 0, 1, 0)[1], noise)
+    assert noise.std().item() == pytest.approx(1.0, abs=0.1) and len(set(t.tolist())) > 1
+    module._trainer = None
 
 
 def test_gradient_accumulation_equals_the_full_batch(tmp_path: Path) -> None:

@@ -36,6 +36,11 @@ from ddpm.schema import check_module
 QUARTILES = 4
 
 
+def _seed_of(*entropy: int) -> int:
+    """A 64-bit generator seed mixed from integers by numpy's SeedSequence (nearby inputs, unrelated streams)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])
+
+
 def _is_nhwc(x: Tensor) -> bool:
     """True when x is stored channels_last (and not also plain contiguous, as with C == 1 or H * W == 1)."""
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -194,28 +199,31 @@ class DiffusionModule(LightningModule):
         """t (B,), noise (B, C, H, W) and the label-dropout uniforms (B,) of this rank's micro-batch.
 
         They are rows of one draw for the whole optimizer step (accumulate_grad_batches x world_size x B
-        rows) from a generator seeded by (torch.initial_seed(), global_step): micro-batch m takes the m-th
-        block of world_size x B rows and rank r every world_size-th row of it from r, the positions
-        DistributedSampler gives that rank's images. So ranks never repeat each other's noise (seeded alike,
-        each would otherwise draw the same t and noise for its own images), the same global batch gets the
-        same draws however it is split over devices and accumulation, and a resumed run draws what an
-        uninterrupted one would.
+        rows), seeded by (torch.initial_seed(), global_step): micro-batch m takes the m-th block of
+        world_size x B rows and rank r every world_size-th row of it from r, the positions DistributedSampler
+        gives that rank's images. So ranks never repeat each other's noise (seeded alike, each would otherwise
+        draw the same t and noise for its own images), the same global batch gets the same draws however it
+        is split over devices and accumulation, and a resumed run draws what an uninterrupted one would.
+        t and the uniforms come from one stream for all rows (a few numbers each); each row's noise from its
+        own stream, seeded by (torch.initial_seed(), global_step, row), so a rank makes only its B images'
+        noise, not the global batch's.
         """
         trainer = self._trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         accum = trainer.accumulate_grad_batches if trainer is not None else 1
         B, device = x0.shape[0], x0.device
-        seed = np.random.SeedSequence([torch.initial_seed(), self.global_step]).generate_state(1, np.uint64)[0]
+        seed = (torch.initial_seed(), self.global_step)
         if self._draw_generator is None or self._draw_generator.device != device:
             self._draw_generator = torch.Generator(device=device)
-        g = self._draw_generator.manual_seed(int(seed))
+        g = self._draw_generator.manual_seed(_seed_of(*seed))
         n = accum * world * B
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g, device=device)
-        noise = torch.randn((n, *x0.shape[1:]), generator=g, device=device)
         drop = torch.rand((n,), generator=g, device=device)
-        rows = (batch_idx % accum) * world * B + torch.arange(B, device=device) * world + rank
-        noise = noise[rows].contiguous(memory_format=torch.channels_last if _is_nhwc(x0) else torch.contiguous_format)
-        return t[rows], noise, drop[rows]
+        rows = [(batch_idx % accum) * world * B + i * world + rank for i in range(B)]
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g.manual_seed(_seed_of(*seed, row)), device=device) for row in rows])
+        noise = noise.contiguous(memory_format=torch.channels_last if _is_nhwc(x0) else torch.contiguous_format)
+        rows_t = torch.tensor(rows, device=device)
+        return t[rows_t], noise, drop[rows_t]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch  # (B, C, H, W) in [-1, 1], (B,)
