@@ -23,7 +23,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
 from ddpm import GaussianDiffusion, make_betas
@@ -279,15 +280,12 @@ class DiffusionModule(LightningModule):
     ) -> None:
         """Lightning's clipping, except under bf16-mixed: there Lightning's autocast plugin refuses any fused
         optimizer (one that could unscale inside its step), though bf16 has no loss scale, so the gradients are
-        the true ones and torch's clipping applies as under 32-true."""
+        the true ones and the plain precision plugin's clipping (as under 32-true) applies."""
         plugin = self.trainer.precision_plugin
         if not gradient_clip_val or not isinstance(plugin, MixedPrecision) or plugin.scaler is not None:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # None means norm, as in LightningModule.clip_gradients
+        Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
