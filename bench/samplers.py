@@ -27,7 +27,7 @@ import torch
 from ddpm.config import resolve_ckpt
 from ddpm.data import digits_split
 from ddpm.digits_classifier import load_digits_classifier
-from ddpm.metrics import SampleEvaluator
+from ddpm.metrics import SampleEvaluator, fid_infinity
 from ddpm.module import load_module
 from ddpm.samplers import SDE_S_TMAX
 
@@ -45,7 +45,7 @@ def draw(module, n: int, batch_size: int, seed: int, **kwargs) -> torch.Tensor:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="a checkpoint or a run dir")
+    p.add_argument("--ckpt", help="a checkpoint or a run dir (not needed with --replot)")
     p.add_argument("--n", type=int, default=1000, help="samples per setting")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--nfe", default="5,10,20,50,100", help="network evaluations per sample")
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--skip-fid", action="store_true", help="only the guidance figures")
     p.add_argument("--replot", metavar="JSON", nargs="+", help="only redraw the plot from earlier runs' JSON; several (runs over other seeds) are merged into --out")
     p.add_argument("--seeds", default="0", help="one draw of n samples per seed for every setting, e.g. 0,1,2,3,4")
+    p.add_argument("--fid-at", default="", help="also score the first k samples of every draw for these k (e.g. 500,1000,2000) and extrapolate FID to infinitely many samples")
     p.add_argument("--out", default="bench/results/samplers.json")
     p.add_argument("--plot", default="docs/samplers_fid.png")
     args = p.parse_args()
@@ -68,7 +69,12 @@ def main() -> None:
             write(results, args.out)
         plot(results, args.plot)
         return
+    if not args.ckpt:
+        p.error("--ckpt is required (unless --replot)")
     seeds = [int(v) for v in args.seeds.split(",")]
+    fid_at = sorted({int(v) for v in args.fid_at.split(",")} | {args.n}) if args.fid_at else []
+    if fid_at and not 2 <= fid_at[0] <= fid_at[-1] == args.n:
+        raise SystemExit(f"--fid-at takes sample counts from 2 to --n ({args.n}), got {args.fid_at}")
     torch.manual_seed(seeds[0])
 
     loaded = load_module(resolve_ckpt(args.ckpt))
@@ -85,6 +91,9 @@ def main() -> None:
         t0 = time.perf_counter()
         x = draw(module, args.n, args.batch_size, seed, sampler=sampler, steps=steps, bf16=args.bf16)
         row = {"sampler": sampler, "nfe": nfe, "steps": steps, "seed": seed, "seconds": round(time.perf_counter() - t0, 1), **evaluator(x)}
+        if fid_at:
+            row["fid_at"] = {str(k): evaluator(x[:k])["fid"] for k in fid_at}
+            row["fid_inf"] = fid_infinity({int(k): v for k, v in row["fid_at"].items()})
         print(f"{sampler:14s} nfe={nfe:5d}  seed={seed:3d}  fid={row['fid']:7.2f}  floor={row['fid_floor']:6.2f}  "
               f"ratio={row['fid'] / row['fid_floor']:5.2f}  conf={row['confidence']:.3f}  cov={row['coverage']:.3f}  {row['seconds']}s", flush=True)
         return row
@@ -101,6 +110,9 @@ def main() -> None:
             write(results, args.out)  # after every seed, so that a long run keeps what it has
         for sampler, nfe, fid, sd in fid_means(results["fid"]):
             print(f"{sampler:14s} nfe={nfe:5d}  mean fid over {len(seeds)} seeds {fid:7.2f} (sd {sd:.2f})")
+        for k in [*map(str, fid_at), "inf"] if fid_at else []:
+            for sampler, nfe, fid, sd in fid_means(results["fid"], k):
+                print(f"{sampler:14s} nfe={nfe:5d}  mean fid of {k} samples over {len(seeds)} seeds {fid:7.2f} (sd {sd:.2f})")
 
     if args.guidance:
         if not module.conditional:
@@ -132,11 +144,15 @@ def write(results: dict, path: str) -> None:
     Path(path).write_text(json.dumps(results, indent=2))
 
 
-def fid_means(rows: list[dict]) -> list[tuple[str, int, float, float]]:
-    """(sampler, nfe, mean FID, sample standard deviation over seeds; 0 for one seed) per setting, in first-seen order."""
+def fid_means(rows: list[dict], at: str | None = None) -> list[tuple[str, int, float, float]]:
+    """(sampler, nfe, mean FID, sample standard deviation over seeds; 0 for one seed) per setting, in first-seen order.
+
+    at: None for each draw's FID of all its samples, a sample count k of --fid-at for the first k, "inf" for fid_inf.
+    """
     groups: dict[tuple[str, int], list[float]] = {}
     for r in rows:
-        groups.setdefault((r["sampler"], r["nfe"]), []).append(r["fid"])
+        fid = r["fid"] if at is None else r["fid_inf"] if at == "inf" else r["fid_at"][at]
+        groups.setdefault((r["sampler"], r["nfe"]), []).append(fid)
     return [(s, nfe, statistics.mean(f), statistics.stdev(f) if len(f) > 1 else 0.0) for (s, nfe), f in groups.items()]
 
 
@@ -150,21 +166,27 @@ def plot(results: dict, path: str) -> None:
     except ImportError:
         print("matplotlib not installed (pip install -e .[bench]): no plot")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    (_, reference_nfe, reference, _), *means = fid_means(results["fid"])
-    for sampler in dict.fromkeys(m[0] for m in means):
-        mine = [m for m in means if m[0] == sampler]
-        ax.plot([m[1] for m in mine], [m[2] for m in mine], marker="o", label=sampler)
-    ax.axhline(reference, color="k", ls="--", lw=1, label=f"ddpm, {reference_nfe} steps")
-    ax.axhline(1.1 * reference, color="k", ls="-.", lw=0.7, label="ddpm + 10% (issue 6's target)")
-    ax.axhline(results["fid"][0]["fid_floor"], color="gray", ls=":", lw=1, label="floor (real vs real)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("network evaluations per sample")
     seeds = {r.get("seed", 0) for r in results["fid"]}
-    ax.set_ylabel(f"digits-FID (n={results['n']}, mean of {len(seeds)} seeds)" if len(seeds) > 1 else f"digits-FID (n={results['n']})")
-    ax.set_title(f"samplers on digits, step {results['global_step']}")
-    ax.legend()
+    panels = [(None, f"digits-FID of {results['n']} samples")]
+    if "fid_at" in results["fid"][0]:
+        smallest = min(results["fid"][0]["fid_at"], key=int)
+        panels = [(smallest, f"digits-FID of {smallest} samples"), *panels, ("inf", "digits-FID extrapolated to infinite n")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (at, ylabel) in zip(axes[0], panels):
+        (_, reference_nfe, reference, _), *means = fid_means(results["fid"], at)
+        for sampler in dict.fromkeys(m[0] for m in means):
+            mine = [m for m in means if m[0] == sampler]
+            ax.plot([m[1] for m in mine], [m[2] for m in mine], marker="o", label=sampler)
+        ax.axhline(reference, color="k", ls="--", lw=1, label=f"ddpm, {reference_nfe} steps")
+        ax.axhline(1.1 * reference, color="k", ls="-.", lw=0.7, label="ddpm + 10% (issue 6's target)")
+        if at is None:
+            ax.axhline(results["fid"][0]["fid_floor"], color="gray", ls=":", lw=1, label=f"floor (real vs real, n={results['fid'][0]['n_floor']})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("network evaluations per sample")
+        ax.set_ylabel(f"{ylabel}, mean of {len(seeds)} draws" if len(seeds) > 1 else ylabel)
+        ax.set_title(f"samplers on digits, step {results['global_step']}")
+        ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -32,6 +32,7 @@ from ddpm.metrics import (
     check_metrics,
     classifier_scores,
     evaluate_samples,
+    fid_infinity,
     heldout_bits_per_dim,
     print_metrics_table,
 )
@@ -56,6 +57,13 @@ def evaluator(val, train, tmp_path_factory):
 def real_subset(train, n: int, seed: int) -> torch.Tensor:
     """n train images (real digits disjoint from the val reference), drawn with a seed unlike the floor's."""
     return train[0][torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)) (Heusel et al. 2017 eq. 6); the trace of the root
+    is the sum of the square roots of cov1 cov2's eigenvalues, which are real and non-negative."""
+    root_trace = torch.linalg.eigvals(cov1 @ cov2).real.clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * root_trace)
 
 
 def blur(x: torch.Tensor) -> torch.Tensor:
@@ -296,3 +304,25 @@ def test_heldout_bits_per_dim_drops_with_brief_training(val, train):
     trained = bpd()
     assert torch.isfinite(torch.tensor([untrained, trained])).all()
     assert trained < untrained - 2.0, (untrained, trained)  # measured: 18.4 -> 9.4 bits/dim
+
+
+def test_fid_infinity_removes_the_small_sample_bias():
+    """Gaussian features: FID of k samples against a fixed reference is biased up by about c / k; the intercept
+    of FID against 1/k over nested prefixes (Chong & Forsyth 2020) recovers the closed-form Frechet distance
+    of the generating Gaussian to the reference's statistics within 3%, where FID of 25 samples is over 40% off."""
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(4000, 4, generator=g, dtype=torch.float64)
+    ref_mu, ref_cov = reference.mean(0), torch.cov(reference.T)
+    mu, std = torch.tensor([0.5, 0.0, 0.0, 0.0], dtype=torch.float64), torch.tensor([1.5, 1.0, 1.0, 0.7], dtype=torch.float64)
+    exact = frechet_distance(mu, torch.diag(std**2), ref_mu, ref_cov)
+    counts = (25, 50, 100, 200, 400)
+    fid_at = {k: 0.0 for k in counts}
+    draws = 300
+    for _ in range(draws):
+        fake = mu + std * torch.randn(counts[-1], 4, generator=g, dtype=torch.float64)
+        for k in counts:
+            fid_at[k] += frechet_distance(fake[:k].mean(0), torch.cov(fake[:k].T), ref_mu, ref_cov) / draws
+    assert fid_at[25] > 1.4 * exact
+    assert fid_infinity(fid_at) == pytest.approx(exact, rel=0.03)
+    with pytest.raises(ValueError, match="two or more sample counts"):
+        fid_infinity({25: fid_at[25]})

@@ -391,6 +391,22 @@ def evaluate_samples(samples: Tensor, real: Tensor, floor_real: Tensor | None = 
     return SampleEvaluator(real, floor_real, **options)(samples)
 
 
+def fid_infinity(fid_at: dict[int, float]) -> float:
+    """FID extrapolated to infinitely many samples from FIDs of k samples: the intercept of their line in 1/k.
+
+    FID of k samples is biased upwards by about c / k with c depending on the generator (Chong & Forsyth
+    2020, "Effectively Unbiased FID and Inception Score and where to find them", Sec. 3), so two samplers
+    compared at one small k are also compared by their biases; FID_inf removes that term. `fid_at` maps
+    at least two distinct k to the FID of k samples (e.g. nested prefixes of one draw) against one reference.
+    """
+    if len(fid_at) < 2:
+        raise ValueError(f"fid_infinity needs FIDs at two or more sample counts, got {sorted(fid_at)}")
+    inv_k = torch.tensor([1.0 / int(k) for k in fid_at], dtype=torch.float64)
+    fid = torch.tensor([float(v) for v in fid_at.values()], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(inv_k), inv_k], dim=1)
+    return float(torch.linalg.lstsq(design, fid[:, None]).solution[0, 0])
+
+
 # ---- likelihood ---------------------------------------------------------------------------------
 
 
