@@ -95,7 +95,7 @@ def main() -> None:
         x = draw(module, args.n, args.batch_size, seed, sampler=sampler, steps=steps, bf16=args.bf16)
         row = {"sampler": sampler, "nfe": nfe, "steps": steps, "seed": seed, "seconds": round(time.perf_counter() - t0, 1), **evaluator(x)}
         if fid_at:
-            row["fid_at"] = {str(k): evaluator(x[:k])["fid"] for k in fid_at}
+            row["fid_at"] = {str(k): row["fid"] if k == args.n else evaluator(x[:k])["fid"] for k in fid_at}
             row["fid_inf"] = fid_infinity({int(k): v for k, v in row["fid_at"].items()})
         print(f"{sampler:14s} nfe={nfe:5d}  seed={seed:3d}  fid={row['fid']:7.2f}  floor={row['fid_floor']:6.2f}  "
               f"ratio={row['fid'] / row['fid_floor']:5.2f}  conf={row['confidence']:.3f}  cov={row['coverage']:.3f}  {row['seconds']}s", flush=True)
