@@ -101,34 +101,50 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
 
 Spacing = Literal["uniform", "trailing", "karras"]
 
+SIGMA_MAX = 80.0  # Karras et al. 2022, table 1: the noisiest sigma their samplers start from
+
 
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "uniform", alphas_cumprod: Tensor | None = None) -> Tensor:
-    """`steps` timesteps (ascending, 0-based) out of T for a sampler that skips steps.
+    """Exactly `steps` distinct timesteps (ascending, 0-based) out of T for a sampler that skips steps.
 
     - uniform: evenly spaced over [0, T-1], both ends included (improved-diffusion's respacing).
     - trailing: T-1, T-1-T/steps, ... (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
       Steps are Flawed", table 2): starts at the noisiest step, skips the least noisy ones.
-    - karras: sigma = sqrt((1 - alpha_bar) / alpha_bar) spaced as in Karras et al. 2022 eq. 5 (rho = 7),
-      each mapped to the nearest timestep; needs `alphas_cumprod`. Where the grid is coarser than the
-      targets (at low noise) duplicates are merged, so fewer than `steps` may come back.
+    - karras: sigma = sqrt((1 - alpha_bar) / alpha_bar) spaced as in Karras et al. 2022 eq. 5 (rho = 7) from
+      sigma_max = min(sigma_{T-1}, SIGMA_MAX) down to sigma_0, each mapped to the nearest timestep; needs
+      `alphas_cumprod`. sigma_max is clamped as EDM does: the cosine schedule's clipped last beta puts
+      sigma_{T-1} near 2e4, and a ramp from there would spend most steps at pure noise. The sampler then
+      starts from x ~ N(0, I) at sigma_max's timestep (alpha_bar about 1.6e-4, the VP form of EDM's
+      x = sigma_max z). Where the timestep grid is coarser than the targets (at low noise), colliding
+      timesteps are pushed apart to their neighbours, so the count is always `steps`.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be an integer in [1, {num_timesteps}] (the schedule's T), got {steps!r}")
     _check_choice("spacing", spacing, Spacing)
     T = num_timesteps
-    if steps == 1:
-        return torch.tensor([T - 1])
     if spacing == "uniform":
-        return torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+        return torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long() if steps > 1 else torch.tensor([T - 1])
     if spacing == "trailing":
         return (T - 1 - torch.arange(steps, dtype=torch.float64) * (T / steps)).round().long().flip(0)
     if alphas_cumprod is None:
         raise ValueError("karras spacing needs the schedule's alphas_cumprod")
-    log_sigmas = 0.5 * (torch.log1p(-alphas_cumprod.double()) - alphas_cumprod.double().log())  # (T,)
+    log_sigmas = 0.5 * (torch.log1p(-alphas_cumprod.double()) - alphas_cumprod.double().log())  # (T,) ascending
     rho, ramp = 7.0, torch.linspace(0, 1, steps, dtype=torch.float64)
-    s_max, s_min = log_sigmas[-1].exp() ** (1 / rho), log_sigmas[0].exp() ** (1 / rho)
+    s_max, s_min = min(log_sigmas[-1].exp().item(), SIGMA_MAX) ** (1 / rho), log_sigmas[0].exp() ** (1 / rho)
     targets = (s_max + ramp * (s_min - s_max)) ** rho  # descending sigmas, Karras et al. 2022 eq. 5
-    return (log_sigmas[None] - targets.log()[:, None]).abs().argmin(dim=1).unique()
+    nearest = (log_sigmas[None] - targets.log()[:, None]).abs().argmin(dim=1).flip(0)  # (steps,) ascending, may repeat
+    return _distinct(nearest, T)
+
+
+def _distinct(timesteps: Tensor, num_timesteps: int) -> Tensor:
+    """Ascending `timesteps` made strictly increasing within [0, T-1] by moving each collision to the next free step."""
+    kept = timesteps.tolist()
+    n = len(kept)
+    for i in range(1, n):
+        kept[i] = max(kept[i], kept[i - 1] + 1)
+    for i in range(n):  # the increasing bound T - n + i keeps room above for the rest
+        kept[i] = min(kept[i], num_timesteps - n + i)
+    return torch.tensor(kept, dtype=torch.long)
 
 
 def _check_choice(name: str, value: str, literal: Any) -> None:
@@ -151,8 +167,9 @@ class GaussianDiffusion(nn.Module):
         timestep_map: for respaced processes, the original timestep that each step here stands for;
             the network always sees original timesteps. Defaults to 0..T-1.
 
-    Schedule constants are computed in float64 and kept as float32 buffers (they follow `.to()`,
-    DDP and checkpoints); all schedule arithmetic runs in float32 whatever the autocast context.
+    Schedule constants are computed in float64 and kept as float32 buffers that follow the module's device but
+    never its dtype (`module.to(torch.bfloat16)` leaves them exact) and are not saved in checkpoints (they follow
+    from the schedule); all schedule arithmetic runs in float32 whatever the autocast context.
     """
 
     def __init__(
@@ -182,8 +199,11 @@ class GaussianDiffusion(nn.Module):
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
 
+        self._exact: dict[str, Tensor] = {}  # the float64 values the float32 buffers are rebuilt from (see _apply)
+
         def buffer(name: str, value: Tensor) -> None:
-            self.register_buffer(name, value.to(torch.float32))
+            self._exact[name] = value.detach().cpu()
+            self.register_buffer(name, value.to(torch.float32), persistent=False)
 
         buffer("betas", betas)
         buffer("alphas_cumprod", alphas_cumprod)
@@ -209,7 +229,24 @@ class GaussianDiffusion(nn.Module):
         buffer("log_betas", betas.log())
         if timestep_map is None:
             timestep_map = torch.arange(T)
-        self.register_buffer("timestep_map", torch.as_tensor(timestep_map, dtype=torch.long))
+        self.register_buffer("timestep_map", torch.as_tensor(timestep_map, dtype=torch.long), persistent=False)
+
+    # ---- schedule constants: exact whatever the module's dtype ----------------------------------
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> GaussianDiffusion:
+        """nn.Module's `.to()`, `.half()`, `.cuda()`, ... for the buffers' device only: each schedule constant is rebuilt
+        in float32 from its float64 value, so casting the module (bf16-true, 16-true) never rounds the process."""
+        super()._apply(fn, recurse)
+        for name, exact in self._exact.items():
+            self._buffers[name] = exact.to(device=self._buffers[name].device, dtype=torch.float32)
+        return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Skip the schedule constants that checkpoints written before they became non-persistent still hold:
+        they follow from the schedule in the hyperparameters, and a bf16-true run would have saved them rounded."""
+        for name in (*self._exact, "timestep_map"):
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- forward process ------------------------------------------------------------------------
 
@@ -353,13 +390,22 @@ class GaussianDiffusion(nn.Module):
         so q(x_t | x_0) is unchanged at every kept step; the network keeps seeing original timesteps.
         """
         timesteps = torch.as_tensor(timesteps, dtype=torch.long).cpu()
-        alphas_cumprod = torch.cumprod(1.0 - self.betas.double().cpu(), dim=0)[timesteps]
+        alphas_cumprod = self._exact["alphas_cumprod"][timesteps]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         betas = 1.0 - alphas_cumprod / previous
         respaced = GaussianDiffusion(
             betas, self.objective, self.variance, self.min_snr_gamma, self.timestep_map.cpu()[timesteps], self.vlb_weight
         )
         return respaced.to(self.betas.device)
+
+    def sampling_timesteps(self, sampler: str, steps: int | None = None, spacing: Spacing | None = None) -> Tensor:
+        """The timesteps (ascending, 0-based) that `sampler` visits for `steps` (None: all T) placed by `spacing`
+        (None: the sampler's default); the network is called samplers.network_evaluations(sampler, len(...)) times."""
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(sorted(samplers.SAMPLERS))}")
+        steps = self.num_timesteps if steps is None else steps
+        spacing = samplers.DEFAULT_SPACING[sampler] if spacing is None else spacing
+        return spaced_timesteps(self.num_timesteps, steps, spacing, self._exact["alphas_cumprod"])
 
     @torch.no_grad()
     def sample(
@@ -388,19 +434,17 @@ class GaussianDiffusion(nn.Module):
         respaced process over `steps` timesteps placed by `spacing` (see spaced_timesteps; None: the
         sampler's default, uniform for ddpm and ddim, karras for the 2nd-order solvers).
         `generator` makes the result deterministic; `noise` gives x_T explicitly. Device: `device`,
-        else the generator's, else this module's buffers'.
+        else the generator's, else this module's buffers'; the module itself is never moved (sampling on
+        another device, or over fewer steps, runs on a respaced copy of the process).
         """
-        if sampler not in samplers.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(sorted(samplers.SAMPLERS))}")
+        kept = self.sampling_timesteps(sampler, steps, spacing)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta!r}")
-        steps = self.num_timesteps if steps is None else steps
-        spacing = samplers.DEFAULT_SPACING[sampler] if spacing is None else spacing
-        kept = spaced_timesteps(self.num_timesteps, steps, spacing, self.alphas_cumprod.cpu())
-        diffusion = self if len(kept) == self.num_timesteps else self.respace(kept)
-        if device is None:
-            device = generator.device if generator is not None else self.betas.device
-        diffusion = diffusion.to(device)
+        device = torch.device(device if device is not None else generator.device if generator is not None else self.betas.device)
+        if len(kept) == self.num_timesteps and self.betas.device == device:
+            diffusion = self
+        else:  # a new process on `device`: this module stays where it is
+            diffusion = self.respace(kept).to(device)
         x = noise.to(device).float() if noise is not None else torch.randn(shape, generator=generator, device=device)
         x = samplers.SAMPLERS[sampler](
             diffusion, model, x, generator=generator, eta=eta, progress=progress,

@@ -15,6 +15,7 @@ References:
 from __future__ import annotations
 
 import inspect
+import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -27,17 +28,27 @@ if TYPE_CHECKING:
 Sampler = Callable[..., Tensor]
 SAMPLERS: dict[str, Sampler] = {}
 DEFAULT_SPACING: dict[str, str] = {}  # the timestep spacing each sampler uses unless told otherwise
+EVALUATIONS_PER_STEP: dict[str, Callable[[int], int]] = {}  # network evaluations for K visited timesteps
 
 
-def register_sampler(name: str, spacing: str = "uniform") -> Callable[[Sampler], Sampler]:
-    """Decorator that adds a sampler function to SAMPLERS under `name`, with its default timestep spacing."""
+def register_sampler(
+    name: str, spacing: str = "uniform", evaluations: Callable[[int], int] = lambda steps: steps
+) -> Callable[[Sampler], Sampler]:
+    """Decorator that adds a sampler function to SAMPLERS under `name`, with its default timestep spacing and
+    the number of network evaluations it makes over `steps` visited timesteps (one per timestep unless told)."""
 
     def add(fn: Sampler) -> Sampler:
         SAMPLERS[name] = fn
         DEFAULT_SPACING[name] = spacing
+        EVALUATIONS_PER_STEP[name] = evaluations
         return fn
 
     return add
+
+
+def network_evaluations(name: str, steps: int) -> int:
+    """How many times sampler `name` calls the network over `steps` visited timesteps (its NFE)."""
+    return EVALUATIONS_PER_STEP[name](steps)
 
 
 COMMON_OPTIONS = frozenset({"generator", "eta", "progress", "model_kwargs", "clip_denoised"})
@@ -150,7 +161,7 @@ def dpm_solver_pp_2m_sample(
     return _dpm_solver_pp_2m(diffusion, model, x, None, 0.0, 0.0, progress, model_kwargs, clip_denoised, "dpmsolver++")
 
 
-SDE_S_TMAX = 1.0  # dpmsolver++sde's default S_tmax, chosen by digits-FID at 20 evaluations on the val split (README, "Samplers")
+SDE_S_TMAX = math.inf  # dpmsolver++sde's default: noise on every step, as Lu et al. 2022 publish the SDE solver
 
 
 @register_sampler("dpmsolver++sde", spacing="karras")
@@ -159,7 +170,7 @@ def sde_dpm_solver_pp_2m_sample(
     eta: float = 1.0, progress: bool = False, model_kwargs: dict | None = None, clip_denoised: bool = True,
     s_tmax: float = SDE_S_TMAX,
 ) -> Tensor:
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022; diffusers' "sde-dpmsolver++"), noise on the low-noise steps only.
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022; diffusers' "sde-dpmsolver++"), by default with noise on every step.
 
     The update of `_dpm_solver_pp_2m` with noise scale 1 on the steps whose sigma/alpha is at most `s_tmax`
     (Karras et al. 2022's S_tmax: fresh noise can correct the network's errors, at the cost of a larger
@@ -171,7 +182,7 @@ def sde_dpm_solver_pp_2m_sample(
     return _dpm_solver_pp_2m(diffusion, model, x, generator, 1.0, s_tmax, progress, model_kwargs, clip_denoised, "dpmsolver++sde")
 
 
-@register_sampler("heun", spacing="karras")
+@register_sampler("heun", spacing="karras", evaluations=lambda steps: 2 * steps - 1)
 def heun_sample(
     diffusion: GaussianDiffusion, model: Callable[..., Tensor], x: Tensor, *, generator: torch.Generator | None = None,
     eta: float = 0.0, progress: bool = False, model_kwargs: dict | None = None, clip_denoised: bool = True,

@@ -326,13 +326,15 @@ class UNet(nn.Module):
         t: (B,) or scalar timesteps, int or float.
         y: (B,) int64 class labels in [0, num_classes]; `num_classes` is the null label, and None means
            all null. Only for a model built with num_classes.
-        Returns (B, out_channels, H, W).
+        Returns (B, out_channels, H, W) in the dtype of the weights.
         """
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(B)
-        temb = self.time_embed(timestep_embedding(t, self.base_channels))  # (B, 4*base)
+        dtype = self.conv_in.weight.dtype  # bf16/fp16 when the module was cast (bf16-true); inputs follow it
+        x = x.to(dtype)
+        temb = self.time_embed(timestep_embedding(t, self.base_channels).to(dtype))  # (B, 4*base)
         if self.class_embed is None:
             if y is not None:
                 raise ValueError("UNet: got class labels y, but the model was built with num_classes=None")
