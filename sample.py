@@ -42,6 +42,7 @@ def sample(cfg: DictConfig) -> Path:
     from ddpm.data import save_grid
     from ddpm.evaluation import build_evaluator, run_dir_images, validate_metrics
     from ddpm.module import load_module
+    from ddpm.samplers import DEFAULT_SPACING, network_evaluations
 
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -83,7 +84,11 @@ def sample(cfg: DictConfig) -> Path:
         )  # fmt: skip
     if cfg.use_ema and not ema:
         print("note: the checkpoint has no EMA weights; sampling the live weights")
-    print(f"checkpoint: {path} ({'EMA' if ema else 'live'} weights, step {step}), {cfg.sampler} {cfg.steps or T} steps")
+    timesteps = module.diffusion.sampling_timesteps(cfg.sampler, cfg.steps, cfg.spacing)
+    evaluations = network_evaluations(cfg.sampler, len(timesteps))
+    spacing = cfg.spacing or DEFAULT_SPACING[cfg.sampler]
+    print(f"checkpoint: {path} ({'EMA' if ema else 'live'} weights, step {step}), {cfg.sampler} {len(timesteps)} steps "
+          f"({spacing} spacing, timesteps {int(timesteps[0])}..{int(timesteps[-1])}): {evaluations} network evaluations per sample")
 
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,12 +115,13 @@ def sample(cfg: DictConfig) -> Path:
     print(f"samples: {npz}  {tuple(x.shape)}")
     print(f"grid: {grid}")
     if metrics:
-        write_metrics(cfg, module, path, x, metrics, evaluator, val_images, bpd_t, extractor, out_dir, device)
+        write_metrics(cfg, module, path, x, metrics, evaluator, val_images, bpd_t, extractor, out_dir, device, evaluations, spacing)
     return out_dir
 
 
-def write_metrics(cfg, module, ckpt, x, metrics, evaluator, val_images, bpd_t, extractor, out_dir, device) -> Path:
-    """Score samples x: the SampleEvaluator's metrics and held-out bits/dim; write metrics.json, print the table."""
+def write_metrics(cfg, module, ckpt, x, metrics, evaluator, val_images, bpd_t, extractor, out_dir, device, evaluations, spacing) -> Path:
+    """Score samples x: the SampleEvaluator's metrics and held-out bits/dim; write metrics.json (with the sampler,
+    its steps and spacing, and the network evaluations per sample), print the table."""
     from ddpm.metrics import heldout_bits_per_dim, print_metrics_table
 
     results: dict = {}
@@ -130,12 +136,13 @@ def write_metrics(cfg, module, ckpt, x, metrics, evaluator, val_images, bpd_t, e
         results["bpd_n"] = len(val_images)
         results["bpd_timesteps"] = bpd_t or module.diffusion.num_timesteps
     results.update(
-        n=cfg.n, sampler=cfg.sampler, steps=cfg.steps or module.diffusion.num_timesteps, ckpt=str(ckpt),
+        n=cfg.n, sampler=cfg.sampler, steps=cfg.steps or module.diffusion.num_timesteps, spacing=spacing,
+        network_evaluations=evaluations, ckpt=str(ckpt),
         extractor=extractor if evaluator is not None else None, metrics=list(metrics),
     )  # fmt: skip
     out = out_dir / "metrics.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print_metrics_table(results, title=f"{cfg.n} samples, {cfg.sampler} {results['steps']} steps")
+    print_metrics_table(results, title=f"{cfg.n} samples, {cfg.sampler} {results['steps']} steps, {evaluations} evaluations")
     print(f"metrics: {out}")
     return out
 

@@ -68,7 +68,17 @@ def test_metrics_json(ckpt: Path, tmp_path: Path) -> None:
     assert m["bpd"] > 0 and m["fid"] > m["fid_floor"] > 0  # 8 training steps: far from the data
     assert m["n"] == m["n_samples"] == 16 and m["n_reference"] == 359 and m["bpd_n"] == 359 and m["bpd_timesteps"] == 10
     assert m["sampler"] == "ddim" and m["steps"] == 5 and m["ckpt"] == str(ckpt) and "kid" not in m
+    assert m["spacing"] == "uniform" and m["network_evaluations"] == 5
     assert (out / "samples.npz").is_file() and "fid_floor" not in proc.stderr and "fid" in proc.stdout  # the table
+
+
+@pytest.mark.parametrize("sampler,evaluations", [("heun", 9), ("dpmsolver++", 5)])
+def test_the_log_and_metrics_json_state_the_network_evaluations(ckpt: Path, tmp_path: Path, sampler: str, evaluations: int) -> None:
+    """steps=5 on the checkpoint's T = 100: heun makes 2 * 5 - 1 evaluations over 5 distinct karras timesteps."""
+    proc = sample(tmp_path / sampler, ckpt, "n=2", f"sampler={sampler}", "metrics=[bpd]", "metrics_bpd_timesteps=2")
+    m = json.loads((tmp_path / sampler / "metrics.json").read_text())
+    assert m["network_evaluations"] == evaluations and m["spacing"] == "karras"
+    assert f"{sampler} 5 steps (karras spacing" in proc.stdout and f"{evaluations} network evaluations per sample" in proc.stdout
 
 
 def test_metrics_without_run_dir_fall_back_to_digits(ckpt: Path, tmp_path: Path) -> None:
