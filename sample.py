@@ -75,9 +75,9 @@ def sample(cfg: DictConfig) -> Path:
         label_cycle = torch.tensor(wanted, device=device)
     check("steps", cfg.steps, cfg.steps is None or (is_int(cfg.steps) and 1 <= cfg.steps <= T), f"null or an integer in [1, {T}] (the checkpoint's T)")
     check("metrics_bpd_timesteps", bpd_t, bpd_t is None or (is_int(bpd_t) and 1 <= bpd_t <= T), f"null (all T) or an integer in [1, {T}]")
-    evaluator, val_images = None, None
+    evaluator, val_images, val_labels = None, None, None
     if metrics:  # the reference data and the extractor, before sampling: a missing weights file fails now
-        val_images, train_images, dataset = run_dir_images(path, module.image_shape, key="metrics")
+        val_images, train_images, dataset, val_labels = run_dir_images(path, module.image_shape, key="metrics")
         evaluator = build_evaluator(
             val_images, train_images, metrics, extractor=extractor, inception_weights=cfg.get("inception_weights"),
             dataset=dataset, device=device, batch_size=cfg.batch_size,
@@ -115,11 +115,12 @@ def sample(cfg: DictConfig) -> Path:
     print(f"samples: {npz}  {tuple(x.shape)}")
     print(f"grid: {grid}")
     if metrics:
-        write_metrics(cfg, module, path, x, metrics, evaluator, val_images, bpd_t, extractor, out_dir, device, evaluations, spacing)
+        bpd_labels = val_labels if module.conditional else None  # a conditional model is scored on the images' own labels
+        write_metrics(cfg, module, path, x, metrics, evaluator, (val_images, bpd_labels), bpd_t, extractor, out_dir, device, evaluations, spacing)
     return out_dir
 
 
-def write_metrics(cfg, module, ckpt, x, metrics, evaluator, val_images, bpd_t, extractor, out_dir, device, evaluations, spacing) -> Path:
+def write_metrics(cfg, module, ckpt, x, metrics, evaluator, heldout, bpd_t, extractor, out_dir, device, evaluations, spacing) -> Path:
     """Score samples x: the SampleEvaluator's metrics and held-out bits/dim; write metrics.json (with the sampler,
     its steps and spacing, and the network evaluations per sample), print the table."""
     from ddpm.metrics import heldout_bits_per_dim, print_metrics_table
@@ -128,10 +129,12 @@ def write_metrics(cfg, module, ckpt, x, metrics, evaluator, val_images, bpd_t, e
     if evaluator is not None:
         results.update(evaluator(x))
     if "bpd" in metrics:
+        val_images, val_labels = heldout
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         with torch.no_grad():
             results["bpd"] = heldout_bits_per_dim(
                 module.diffusion, module.unet, val_images, batch_size=cfg.batch_size, num_timesteps=bpd_t, generator=generator,
+                labels=val_labels,
             )  # fmt: skip
         results["bpd_n"] = len(val_images)
         results["bpd_timesteps"] = bpd_t or module.diffusion.num_timesteps

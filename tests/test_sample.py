@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -106,6 +107,22 @@ def test_conditional_learned_variance_run_samples_labels(tmp_path: Path) -> None
     assert np.load(tmp_path / "pair" / "samples.npz")["labels"].tolist() == [1, 7, 1, 7, 1]
     bad = sample(tmp_path / "bad", run_dir, "n=2", "class_label=10", check=False)
     assert bad.returncode == 2 and "class_label=10" in bad.stderr and "Traceback" not in bad.stderr
+
+    # bits/dim of a conditional model is scored on the held-out images' own labels, not on the null label
+    sample(tmp_path / "bpd", run_dir, "n=2", "metrics=[bpd]", "metrics_bpd_timesteps=3", "batch_size=64")
+    reported = json.loads((tmp_path / "bpd" / "metrics.json").read_text())["bpd"]
+    from ddpm.data import digits_split
+    from ddpm.metrics import heldout_bits_per_dim
+    from ddpm.module import load_module
+
+    module = load_module(run_dir / "checkpoints" / "last.ckpt").module
+    images, labels = digits_split("val")
+    scores = {
+        name: heldout_bits_per_dim(module.diffusion, module.unet, images, batch_size=64, num_timesteps=3,
+                                   generator=torch.Generator().manual_seed(0), labels=y)
+        for name, y in {"labels": labels.long(), "null": None}.items()
+    }  # fmt: skip
+    assert reported == pytest.approx(scores["labels"], rel=1e-5) and abs(scores["labels"] - scores["null"]) > 1e-4
 
 
 @pytest.mark.parametrize(

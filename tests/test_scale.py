@@ -293,6 +293,86 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     assert update_difference(single, ddp) < 1e-3
 
 
+# ---- evaluation and sample grids on every rank ---------------------------------------------------------
+
+
+class FrozenWeights(pl.Callback):
+    """Zero the gradients before each optimizer step: Adam then leaves every weight exactly as it was, so one process
+    and a DDP world evaluate the same weights."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+
+
+class RanksAgree(pl.Callback):
+    """After the evaluation of each step (listed after it), every rank holds the same val/fid and val/bpd."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        mine = torch.stack([trainer.callback_metrics["val/fid"], trainer.callback_metrics["val/bpd"]]).double()
+        everyone = trainer.strategy.all_gather(mine).reshape(-1, 2)
+        assert torch.equal(everyone, mine.expand_as(everyone)), everyone
+
+
+def test_evaluation_is_the_same_on_one_and_two_ranks(tmp_path: Path) -> None:
+    """Evaluation splits samples and held-out images into fixed chunks with their own seeds, so one process and two
+    DDP ranks (gloo, spawned) score the same samples: val/fid and val/bpd agree (the weights are frozen, so both
+    evaluate the same net), with each other and with FID and bits/dim computed here chunk by chunk. Every rank holds
+    the values in the step (RanksAgree). The net is class-conditional: bits/dim is scored given the val labels, and
+    the value without them (the null label) differs by ~0.08 bits/dim.
+
+    20 samples in chunks of 16 and 359 val images: in the last round rank 1 has no sample chunk and no bpd chunk,
+    and the short chunks are padded for the gather."""
+    from ddpm.data import ImageDataModule
+    from ddpm.evaluation import build_evaluator, datamodule_images, dataset_labels
+    from ddpm.metrics import heldout_bits_per_dim
+    from ddpm.sample_callbacks import Evaluation
+
+    def module() -> DiffusionModule:
+        torch.manual_seed(0)
+        unet = TINY | {"num_classes": 10}
+        return perturb(DiffusionModule(unet=unet, timesteps=100, warmup_steps=0, sample_every_n_steps=0, lr=1e-3))
+
+    options = dict(every_n_steps=1, n=20, metrics=["fid", "bpd"], bpd_timesteps=4, sampler="ddim", steps=3, seed=5, chunk_size=16)
+    values = {}
+    for name, trainer_kwargs in (("one", dict(devices=1)), ("two", dict(devices=2, strategy=SpawnDDPClosingGroup()))):
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path / name,
+            callbacks=[FrozenWeights(), Evaluation(**options), RanksAgree()], **trainer_kwargs,
+        )  # fmt: skip
+        trainer.fit(module(), datamodule=ImageDataModule("digits", batch_size=8))
+        values[name] = {k: float(trainer.callback_metrics[f"val/{k}"]) for k in ("fid", "bpd")}
+    assert values["two"] == pytest.approx(values["one"], rel=1e-6, abs=0)
+
+    # the same, chunk by chunk in this process
+    net = module().eval()
+    datamodule = ImageDataModule("digits", batch_size=8)
+    val, train_images, dataset = datamodule_images(datamodule)
+    labels = dataset_labels(datamodule.val_set)
+    with torch.no_grad():
+        samples = torch.cat([
+            net.sample(size, "ddim", 3, seed=5 + 1 + start, labels=(torch.arange(size) + start) % 10)
+            for start, size in ((0, 16), (16, 4))
+        ])  # fmt: skip
+        fid = build_evaluator(val, train_images, ["fid"], dataset=dataset)(samples)["fid"]
+        bpd = {}
+        for given in (labels, None):
+            chunks = [
+                heldout_bits_per_dim(
+                    net.diffusion, net.unet, val[start : start + 16], batch_size=16, num_timesteps=4,
+                    generator=torch.Generator().manual_seed(5 + k), labels=None if given is None else given[start : start + 16],
+                ) * len(val[start : start + 16])
+                for k, start in enumerate(range(0, len(val), 16))
+            ]  # fmt: skip
+            bpd["labels" if given is not None else "null"] = sum(chunks) / len(val)
+    assert values["one"]["fid"] == pytest.approx(fid, rel=1e-6)
+    assert values["one"]["bpd"] == pytest.approx(bpd["labels"], rel=1e-5)
+    assert abs(bpd["labels"] - bpd["null"]) > 0.02, bpd  # scoring without the labels would fail the line above
+
+
 # ---- torch.compile --------------------------------------------------------------------------------------
 
 

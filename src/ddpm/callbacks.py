@@ -13,6 +13,8 @@ Faults (README, "Interrupted runs and numerical faults"): `Checkpoint` also save
 SIGTERM (its signal connector raises `SIGTERMException` at the end of the current step) and turns the
 first Ctrl-C into the same stop; `NonFiniteGuard` stops training at a non-finite loss and refuses to save
 a checkpoint whose state is not finite, so the last good checkpoint stays.
+
+Sample grids and evaluation during training, which draw from `ema_module`, are callbacks too: ddpm.sample_callbacks.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -66,7 +68,9 @@ class EMA(WeightAveraging):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         self._step = trainer.global_step - 1  # the step just taken, 0-based (as WeightAveraging's step_idx)
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        # WeightAveraging reads only pl_module.parameters() here; the average keeps the dtype it was copied in
+        # (float32, before Lightning casts the module for bf16-true / 16-true), so it sees the weights cast to it
+        super().on_train_batch_end(trainer, _CastParameters(pl_module, self.averaged_module), *args, **kwargs)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the live weights in the module after fit (WeightAveraging would copy the EMA over them).
@@ -79,6 +83,35 @@ class EMA(WeightAveraging):
     def averaged_module(self) -> pl.LightningModule | None:
         """The module holding the EMA weights (a copy of the LightningModule), or None outside fit."""
         return None if self._average_model is None else self._average_model.module
+
+
+def ema_module(trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> pl.LightningModule:
+    """The module holding the EMA weights while an EMA callback of `trainer` is fitting, else `pl_module` (the live weights).
+
+    What the sample grids and evaluation during training draw from (ddpm.sample_callbacks).
+    """
+    for callback in trainer.callbacks if trainer is not None else []:
+        if isinstance(callback, EMA) and callback.averaged_module is not None:
+            return callback.averaged_module
+    return pl_module
+
+
+class _CastParameters:
+    """`module.parameters()` cast to the dtypes of `like`'s parameters, and its buffers: what AveragedModel.update_parameters reads.
+
+    An average kept in float32 does not lose the (1 - decay) updates to bf16's 8-bit mantissa, and torch's
+    foreach EMA update needs both lists in one dtype (fp16 weights with a float32 average fail otherwise)."""
+
+    def __init__(self, module: torch.nn.Module, like: torch.nn.Module | None) -> None:
+        self.module, self.like = module, like
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        dtypes = (p.dtype for p in self.like.parameters()) if self.like is not None else None
+        for p in self.module.parameters():
+            yield p if dtypes is None else p.to(next(dtypes))
+
+    def buffers(self) -> Iterator[torch.Tensor]:
+        return self.module.buffers()
 
 
 class Checkpoint(ModelCheckpoint):
@@ -101,6 +134,7 @@ class Checkpoint(ModelCheckpoint):
         self.stop_signal: signal.Signals | None = None
         self.stop_checkpoint: str | None = None
         self._sigint_before: Any = None
+        self._sigint_installed = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -114,8 +148,12 @@ class Checkpoint(ModelCheckpoint):
             if checkpoint_problem(last) is not None:
                 self.last_model_path = last
         on_sigterm = signal.getsignal(signal.SIGTERM)
-        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        # one handler per run: with several Checkpoints (callbacks=best_fid) the first installs it; a second one
+        # chaining onto the first would put the first's handler back when it tears down after the first did
+        installed = any(isinstance(c, Checkpoint) and c._sigint_installed for c in trainer.callbacks)
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread() and not installed:
             self._sigint_before = signal.signal(signal.SIGINT, lambda signum, frame: self._on_sigint(on_sigterm, frame))
+            self._sigint_installed = True
 
     def _on_sigint(self, on_sigterm: Any, frame: FrameType | None) -> None:
         self._restore_sigint()  # a second Ctrl-C interrupts at once
@@ -123,9 +161,10 @@ class Checkpoint(ModelCheckpoint):
         on_sigterm(signal.SIGTERM, frame)
 
     def _restore_sigint(self) -> None:
-        if self._sigint_before is not None:
+        if self._sigint_installed and self._sigint_before is not None:  # None: a handler installed outside Python
             signal.signal(signal.SIGINT, self._sigint_before)
-            self._sigint_before = None
+        self._sigint_before = None
+        self._sigint_installed = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_sigint()

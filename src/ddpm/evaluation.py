@@ -1,7 +1,8 @@
 """Glue between the metrics (ddpm.metrics) and the framework: reference images from a datamodule or a run dir,
 and a SampleEvaluator built from config values, with one-line ConfigErrors that name the key to fix.
 
-Used by sample.py (`metrics=[fid,kid,bpd]`) and by DiffusionModule during training (`module.eval_every_n_steps`).
+Used by sample.py (`metrics=[fid,kid,bpd]`) and by the Evaluation callback during training (ddpm.sample_callbacks,
+`module.eval_every_n_steps`).
 """
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ def dataset_images(dataset: Dataset) -> Tensor:
             dataset.hflip = flip
 
 
+def dataset_labels(dataset: Dataset) -> Tensor:
+    """All class labels of a dataset as one int64 tensor (N,), in the order of `dataset_images`."""
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, Tensor):  # TensorImages
+        return labels.long()
+    if labels is not None and len(labels) == len(dataset):  # ImageFolder: a list
+        return torch.as_tensor(labels, dtype=torch.long)
+    return torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))]).long()
+
+
 def datamodule_images(datamodule: Any) -> tuple[Tensor, Tensor, str]:
     """(val images, train images, cache name) of an ImageDataModule, preprocessed as it serves them."""
     datamodule.setup("fit")
@@ -52,8 +63,8 @@ def datamodule_images(datamodule: Any) -> tuple[Tensor, Tensor, str]:
     return dataset_images(datamodule.val_set), dataset_images(datamodule.train_set), name
 
 
-def run_dir_images(ckpt: Path, image_shape: tuple[int, int, int], key: str = "metrics") -> tuple[Tensor, Tensor, str]:
-    """(val, train, cache name) of the data a checkpoint was trained on.
+def run_dir_images(ckpt: Path, image_shape: tuple[int, int, int], key: str = "metrics") -> tuple[Tensor, Tensor, str, Tensor]:
+    """(val, train, cache name, val labels) of the data a checkpoint was trained on.
 
     From the run's composed config (<run dir>/.hydra/config.yaml, the run dir being the checkpoint's
     grandparent) when it exists; else, for a 1x8x8 model, the digits split; else a ConfigError.
@@ -71,11 +82,12 @@ def run_dir_images(ckpt: Path, image_shape: tuple[int, int, int], key: str = "me
                 raise ConfigError(
                     f"{key}: the data in {config} serves {tuple(val.shape[1:])} images but the model makes {tuple(image_shape)}"
                 )
-            return val, train, name
+            return val, train, name, dataset_labels(datamodule.val_set)
     if tuple(image_shape) == (1, 8, 8):
         from ddpm.data import digits_split
 
-        return digits_split("val")[0], digits_split("train")[0], "digits-8px-1ch"
+        val, val_labels = digits_split("val")
+        return val, digits_split("train")[0], "digits-8px-1ch", val_labels.long()
     raise ConfigError(
         f"{key}: no {config} to tell which data {ckpt} was trained on (the FID reference); "
         "pass a checkpoint inside its run dir (<run dir>/checkpoints/*.ckpt)"

@@ -417,17 +417,20 @@ def heldout_bits_per_dim(
     batch_size: int = 256,
     num_timesteps: int | None = None,
     generator: torch.Generator | None = None,
+    labels: Tensor | None = None,
 ) -> float:
     """Mean variational bound in bits/dim of held-out images (N, C, H, W) in [-1, 1].
 
     `GaussianDiffusion.bits_per_dim` per batch; `num_timesteps` = K < T gives its unbiased stratified K-term estimate
-    (a quick estimate for monitoring), None all T (the value to report).
+    (a quick estimate for monitoring), None all T (the value to report). `labels` (N,): the images' class labels,
+    passed to the model as `y`, for a class-conditional model (without them it would be scored on its null label).
     """
     device = diffusion.betas.device
     total = 0.0
     for i in range(0, len(images), batch_size):
         x0 = images[i : i + batch_size].to(device)
-        bpd = diffusion.bits_per_dim(model, x0, num_timesteps=num_timesteps, generator=generator)
+        kwargs = None if labels is None else {"y": labels[i : i + batch_size].to(device)}
+        bpd = diffusion.bits_per_dim(model, x0, num_timesteps=num_timesteps, generator=generator, model_kwargs=kwargs)
         total += float(bpd.total.sum())
     return total / len(images)
 

@@ -4,10 +4,10 @@ It holds the network (`unet`) and the process (`diffusion`), logs the loss (also
 timesteps), draws each step's t and noise so that a global batch gets the same draws however devices and
 gradient accumulation split it, validates with a fixed draw of t and noise, builds Adam/AdamW (fused where
 torch has the kernel) with a linear warm-up, keeps the UNet and the batches channels_last, optionally
-torch.compiles the UNet (`compile_unet`), and every `sample_every_n_steps` draws a fixed-seed grid from the
-EMA weights into `<run dir>/samples/step_<6-digit step>.png` (and to the logger when it takes images). With
-`eval_every_n_steps`, it also scores `eval_n` EMA samples against the held-out split (ddpm.metrics) and
-logs `val/fid`, `val/fid_floor`, ... (and `val/bpd`).
+torch.compiles the UNet (`compile_unet`), and draws samples (`sample`) and per-image bits/dim (`bits_per_dim`).
+The sample grids and the evaluation during training are callbacks (ddpm.sample_callbacks) that run on every rank;
+their settings (`sample_*`, `eval_*`) stay arguments of this module, so the config keys `module.sample_*` and
+`module.eval_*` and every checkpoint carry them (conf/callbacks/default.yaml hands them to the callbacks).
 
 All constructor arguments are plain values and `save_hyperparameters()` stores them, so a checkpoint
 alone rebuilds the model: `DiffusionModule.load_from_checkpoint(path)` (EMA weights when the run had
@@ -28,9 +28,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
 from ddpm import GaussianDiffusion, make_betas
-from ddpm.callbacks import EMA
 from ddpm.config import ConfigError, first_line, unreadable_checkpoint
-from ddpm.data import make_grid, save_grid
 from ddpm.guidance import ClassifierFreeGuidance
 from ddpm.schema import check_module
 
@@ -66,15 +64,16 @@ class DiffusionModule(LightningModule):
         betas: Adam's (beta1, beta2).
         weight_decay: decoupled for AdamW, L2 for Adam.
         warmup_steps: linear learning-rate warm-up length in optimizer steps (0: none).
-        sample_every_n_steps: draw a grid every this many optimizer steps and at the end (0: never).
+        sample_every_n_steps: draw a grid every this many optimizer steps and at the end (0: never); done by
+            ddpm.sample_callbacks.SampleGrid, as are the other sample_* settings.
         sample_n: images in the grid.
-        sample_sampler: sampler for the grid (a name in ddpm.samplers.SAMPLERS).
-        sample_steps: sampling steps for the grid (None: all T).
-        sample_seed: seed of the grid's noise, fixed so grids are comparable across steps and runs.
-        eval_every_n_steps: every this many optimizer steps, on global rank 0, score
-            `eval_n` samples of the EMA weights (grid sampler and steps) against the datamodule's val split,
-            and log `val/<metric>` and the floors to the loggers (0: never). The evaluator is built at fit start, so a
-            missing extractor fails then.
+        sample_sampler: sampler for the grid and the evaluation (a name in ddpm.samplers.SAMPLERS).
+        sample_steps: sampling steps for the grid and the evaluation (None: all T).
+        sample_seed: seed of the grid's noise, fixed so grids are comparable across steps and runs (the evaluation's
+            samples and bits/dim draw from seeds derived from it).
+        eval_every_n_steps: every this many optimizer steps and at the end, score `eval_n` samples of the EMA weights
+            against the datamodule's val split and log `val/<metric>` and the floors (0: never); done by
+            ddpm.sample_callbacks.Evaluation on every rank, as are the other eval_* settings.
         eval_n: samples per evaluation (the FID floor is computed at the same count).
         eval_metrics: any of fid, kid, confidence, coverage, bpd (ddpm.metrics).
         eval_extractor: FID/KID features, "digits" or "inception".
@@ -143,11 +142,6 @@ class DiffusionModule(LightningModule):
         # to learn. Plain tensors, not buffers: buffers would enter checkpoints and the EMA's weight swaps.
         self._q_sum = torch.zeros(QUARTILES)
         self._q_count = torch.zeros(QUARTILES)
-        self._last_grid_step = -1
-        self.last_grid_path: Path | None = None
-        self._evaluator: Any = None  # SampleEvaluator, built at fit start (rank 0) when eval_every_n_steps > 0
-        self._eval_val: Tensor | None = None  # held-out images for bpd
-        self._last_eval_step = -1
         self._step_seconds: list[float] | None = None  # wall time of the first two training steps after compile_unet()
         self._step_start = 0.0
         self.compile_seconds: float | None = None
@@ -294,15 +288,7 @@ class DiffusionModule(LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
 
-    # ---- sample grids ----------------------------------------------------------------------------
-
-    def ema_module(self) -> DiffusionModule:
-        """The module with the EMA weights while an EMA callback is fitting, else this one."""
-        trainer = self._trainer
-        for callback in trainer.callbacks if trainer is not None else []:
-            if isinstance(callback, EMA) and callback.averaged_module is not None:
-                return callback.averaged_module
-        return self
+    # ---- sampling and likelihood ---------------------------------------------------------------------
 
     def sample(
         self,
@@ -344,23 +330,24 @@ class DiffusionModule(LightningModule):
         finally:
             self.unet.train(was_training)
 
-    def log_sample_grid(self) -> Path | None:
-        """Draw the fixed-seed grid from the EMA weights, write samples/step_<6-digit step>.png, log it; rank 0 only."""
-        step = self.global_step
-        if step == self._last_grid_step or self.trainer is None:
-            return self.last_grid_path
-        self._last_grid_step = step
-        if not self.trainer.is_global_zero:
-            return None
-        hp = self.hparams
-        with self.trainer.precision_plugin.forward_context():
-            images = self.ema_module().sample(hp.sample_n, hp.sample_sampler, hp.sample_steps, seed=hp.sample_seed)
-        path = save_grid(images, Path(self.trainer.default_root_dir) / "samples" / f"step_{step:06d}.png")
-        self.last_grid_path = path
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):  # WandbLogger
-                logger.log_image(key="samples", images=[make_grid(images)], step=step, caption=[f"step {step}"])
-        return path
+    def bits_per_dim(
+        self, x0: Tensor, y: Tensor | None = None, num_timesteps: int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """The variational bound in bits/dim of each image of x0 (B, C, H, W) in [-1, 1], shape (B,), in float32.
+
+        A class-conditional model is scored given the labels `y` (B,) (without them, on its null label).
+        `num_timesteps` = K < T: the stratified K-term estimate (GaussianDiffusion.bits_per_dim), None all T terms.
+        """
+        device = self.diffusion.betas.device
+        x0 = x0.to(device)
+        kwargs = self._model_kwargs(y.to(device)) if y is not None else None
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            bpd = self.diffusion.bits_per_dim(self.unet, x0, num_timesteps=num_timesteps, generator=generator, model_kwargs=kwargs)
+            return bpd.total
+        finally:
+            self.unet.train(was_training)
 
     def _time_compile(self) -> None:
         """After compile_unet(): time the first two training steps; then report the compile time once."""
@@ -378,76 +365,6 @@ class DiffusionModule(LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._time_compile()
-        every = self.hparams.sample_every_n_steps
-        if every and self.global_step % every == 0:
-            self.log_sample_grid()
-        every = self.hparams.eval_every_n_steps
-        if every and self.global_step % every == 0:
-            self.evaluate()
-
-    def on_train_end(self) -> None:
-        if self.hparams.sample_every_n_steps:
-            self.log_sample_grid()
-
-    # ---- evaluation ------------------------------------------------------------------------------
-
-    def on_fit_start(self) -> None:
-        """Build the SampleEvaluator once (rank 0) from the datamodule's val (reference) and train (floor) images:
-        a missing extractor or weights file fails here, not at the first evaluation."""
-        hp = self.hparams
-        if not hp.eval_every_n_steps or not self.trainer.is_global_zero:
-            return
-        from ddpm.evaluation import build_evaluator, datamodule_images
-
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "val_set"):
-            raise ConfigError("module.eval_every_n_steps needs an ImageDataModule (its val split is the reference)")
-        val, train, dataset = datamodule_images(datamodule)
-        self._evaluator = build_evaluator(
-            val, train, list(hp.eval_metrics), extractor=hp.eval_extractor, inception_weights=hp.eval_inception_weights,
-            dataset=dataset, device=self.device, key_prefix="module.eval_",
-        )  # fmt: skip
-        self._eval_val = val if "bpd" in hp.eval_metrics else None
-
-    def evaluate(self) -> dict[str, float]:
-        """Score `eval_n` EMA samples (grid sampler and steps, seed `sample_seed` + 1) and log val/<metric>; rank 0 only."""
-        from ddpm.metrics import heldout_bits_per_dim
-
-        step = self.global_step
-        if step == self._last_eval_step or self.trainer is None or not self.trainer.is_global_zero:
-            return {}
-        self._last_eval_step = step
-        hp = self.hparams
-        ema = self.ema_module()
-        results: dict[str, float] = {}
-        if self._evaluator is not None:
-            with torch.no_grad(), self.trainer.precision_plugin.forward_context():
-                images = torch.cat([
-                    ema.sample(min(256, hp.eval_n - i), hp.sample_sampler, hp.sample_steps, seed=hp.sample_seed + 1 + i)
-                    for i in range(0, hp.eval_n, 256)
-                ])  # fmt: skip
-            results.update(self._evaluator(images.float()))
-        if self._eval_val is not None:  # in float32: the likelihood is no place for bf16
-            with torch.no_grad():
-                g = torch.Generator(device=self.device).manual_seed(hp.sample_seed)
-                was_training = ema.unet.training
-                ema.unet.eval()
-                try:
-                    results["bpd"] = heldout_bits_per_dim(
-                        ema.diffusion, ema.unet, self._eval_val, generator=g,
-                        num_timesteps=None if hp.eval_bpd_timesteps is None else min(hp.eval_bpd_timesteps, ema.diffusion.num_timesteps),
-                    )
-                finally:
-                    ema.unet.train(was_training)
-        logged = {
-            f"val/{k}": float(v) for k, v in results.items() if not k.startswith("n_") and k != "kid_std" and not k.endswith("_floor_std")
-        }  # fmt: skip
-        # Straight to the loggers, once per evaluation (as LearningRateMonitor does): a self.log() from this hook would be
-        # re-emitted at every logging step until the epoch ends. callback_metrics lets ModelCheckpoint monitor val/fid.
-        for logger in self.loggers:
-            logger.log_metrics(logged, step=self.trainer.fit_loop.epoch_loop._batches_that_stepped)
-        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
-        return results
 
 
 class LoadedCheckpoint(NamedTuple):
