@@ -8,9 +8,10 @@
 Each run dir (outputs/runs/<date>/<time>, or outputs/runs/<name>) holds .hydra/ (the composed config),
 checkpoints/ (last.ckpt), samples/ (grid PNGs) and the logger's files.
 
-Exit status: 0 done; 2 a bad config or data (one `error:` line); 3 a non-finite loss stopped training
-(one `error:` line, last.ckpt keeps the last good state); 128 + the signal number when SIGTERM (143) or
-Ctrl-C (130) stopped it after saving last.ckpt (one line naming it). README, "Interrupted runs and numerical faults".
+Exit status: 0 done; 2 a bad config or data, or a run dir another train.py is using (one `error:` line); 3 a
+non-finite loss stopped training (one `error:` line, last.ckpt keeps the last good state); 128 + the signal number
+when SIGTERM (143) or Ctrl-C (130) stopped it after saving last.ckpt (one line naming it). README, "Interrupted runs
+and numerical faults".
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def train(cfg: DictConfig) -> float | None:
                               "one device, or hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=<devices>")  # fmt: skip
     from ddpm.callbacks import NonFiniteError
     from ddpm.checkpoints import AtomicCheckpointIO, resume_checkpoint
+    from ddpm.sample_callbacks import SampleGrid, check_monitored_checkpoints
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     ckpt_path = None
@@ -68,7 +70,9 @@ def train(cfg: DictConfig) -> float | None:
 
         # the evaluator itself is built at fit start (rank 0); a missing extractor fails here, before the loggers write
         check_extractor(module.hparams.eval_extractor, module.hparams.eval_inception_weights, key_prefix="module.eval_")
-    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    named = {name: hydra.utils.instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
+    check_monitored_checkpoints(named)  # a checkpoint ranked by val/fid needs evaluation on its save steps
+    callbacks = list(named.values())
     loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") and cfg.logger.get("_target_") else []
     if not loggers:  # logger=none: nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
@@ -109,8 +113,9 @@ def train(cfg: DictConfig) -> float | None:
                 wandb.finish()  # one W&B run per job, also in a -m sweep
     if trainer.is_global_zero:
         print(f"run dir: {run_dir}")
-        if module.last_grid_path is not None:
-            print(f"last sample grid: {module.last_grid_path}")
+        grid = next((c.last_path for c in callbacks if isinstance(c, SampleGrid) and c.last_path is not None), None)
+        if grid is not None:
+            print(f"last sample grid: {grid}")
     val_loss = trainer.callback_metrics.get("val/loss")
     return None if val_loss is None else float(val_loss)
 

@@ -3,6 +3,7 @@
 what a test cannot see from outside the process. Nothing in src/ knows about them."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,19 @@ class InjectNaN(Callback):
 
 
 class RecordStep(Callback):
-    """Write `trainer.global_step` to `path` after every training step: the step a killed process had reached."""
+    """Write `trainer.global_step` to `path` after every training step: the step a killed process had reached.
+
+    Atomically (a temporary file in the same folder, then os.replace): a reader, or a kill -9 at any moment,
+    sees the previous step or the new one, never an empty or half-written file.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        self.path.write_text(str(trainer.global_step))
+        self.tmp.write_text(str(trainer.global_step))
+        os.replace(self.tmp, self.path)
 
 
 class SaveEMAAtStart(Callback):

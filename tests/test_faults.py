@@ -20,6 +20,7 @@ import torch
 from conftest import FAST, ROOT, _env, train
 from ddpm.checkpoints import AtomicCheckpointIO, newest_valid_checkpoint, resume_checkpoint
 from ddpm.config import ConfigError
+from ddpm.runlock import LOCK_NAME
 
 EVERY = 4  # callbacks.checkpoint.every_n_train_steps in conf/debug/fast.yaml
 RECORD_STEP = "+callbacks.record_step._target_=fault_hooks.RecordStep"
@@ -65,7 +66,11 @@ def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], tmp_path: Path, 
 
 
 def step_reached(record: Path) -> int:
-    text = record.read_text() if record.exists() else ""
+    """The step fault_hooks.RecordStep last wrote (it replaces the file atomically); 0 before its first write."""
+    try:
+        text = record.read_text()
+    except FileNotFoundError:
+        return 0
     return int(text) if text.strip() else 0
 
 
@@ -81,7 +86,10 @@ def test_kill_9_loses_at_most_one_interval_and_resume_restores_ema(tmp_path: Pat
 
     ema_at_start = tmp_path / "ema_at_start.pt"
     hooks = ["+callbacks.save_ema._target_=fault_hooks.SaveEMAAtStart", f"+callbacks.save_ema.path={ema_at_start}"]
-    train(run_dir, "resume=true", f"trainer.max_steps={saved + 2}", *hooks)
+    assert str(proc.pid) in (run_dir / LOCK_NAME).read_text()  # the killed run's lock record stays behind
+    resumed_run = train(run_dir, "resume=true", f"trainer.max_steps={saved + 2}", *hooks)
+    assert f"taking over the lock of pid {proc.pid} on host" in resumed_run.stderr  # the kernel released its flock
+    assert not (run_dir / LOCK_NAME).exists()
     assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == saved + 2
     resumed = load(ema_at_start)
     assert resumed["global_step"] == saved
@@ -113,6 +121,7 @@ def test_signal_saves_the_step_reached_and_exits(signum: signal.Signals, tmp_pat
     ]
     ckpt = load(last)
     assert ckpt["global_step"] == step > EVERY
+    assert not (run_dir / LOCK_NAME).exists()  # the run dir's lock is released
     assert {"state_dict", "current_model_state", "averaging_state"} <= set(ckpt)  # EMA and live weights
 
 

@@ -169,19 +169,23 @@ def _holds_only(folder: Path, names: set[str]) -> bool:
 
 
 def remove_if_empty_run(run_dir: Path) -> None:
-    """Delete a run dir that holds nothing but what Hydra wrote at start-up (.hydra/, <job>.log): no half-made runs.
+    """Delete a run dir that holds nothing but what Hydra wrote at start-up (.hydra/, <job>.log) and this process's
+    lock file (ddpm.runlock, held until exit): no half-made runs.
 
-    Then the sweep dir above it when it holds only Hydra's multirun.yaml, and the `<date>` folder when it is empty;
-    never a folder of the user's.
+    Then the sweep dir above it when it holds only Hydra's multirun.yaml (and the sweep's lock file), and the
+    `<date>` folder when it is empty; never a folder of the user's, nor a run dir another live process locks (a run
+    refused because the dir is in use never gets here).
     """
     from hydra.core.hydra_config import HydraConfig
 
+    from ddpm.runlock import LOCK_NAME, held_by_another
+
     job = HydraConfig.get().job.name if HydraConfig.initialized() else None
-    if not run_dir.is_dir() or not _holds_only(run_dir, {".hydra", f"{job}.log"}):
+    if not run_dir.is_dir() or not _holds_only(run_dir, {".hydra", f"{job}.log", LOCK_NAME}) or held_by_another(run_dir):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     parent = run_dir.parent
-    if (parent / "multirun.yaml").is_file() and _holds_only(parent, {"multirun.yaml"}):
+    if (parent / "multirun.yaml").is_file() and _holds_only(parent, {"multirun.yaml", LOCK_NAME}):
         shutil.rmtree(parent, ignore_errors=True)
         parent = parent.parent
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", parent.name):  # outputs/runs/<date>, when this was its only run

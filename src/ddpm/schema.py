@@ -212,7 +212,9 @@ def check_data(args: Mapping[str, Any]) -> None:
             check(f"data.{name}", args[name], lambda: ok(args[name]), accepted)
 
 
-PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "64", "32", "16", "bf16", "transformer-engine", "transformer-engine-float16")
+# Lightning's precisions that the UNet and the diffusion run under (the last four are Lightning's short names for
+# 64-true, 32-true, 16-mixed and bf16-mixed); transformer-engine would need NVIDIA's layers, which the UNet has not.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "32", "16", "bf16")
 _MAX_TIME = re.compile(r"^\d+:\d{1,2}:\d{1,2}:\d{1,2}$")
 
 
@@ -340,16 +342,46 @@ class Validate(Callback):
     and the job dir Hydra made for it is removed. Hydra turns an exception raised by a callback into a warning
     and carries on, so a bad value ends the process here (ddpm.config.clean_errors: one line, exit status 2).
     `check`: "train" or "sample".
+
+    For train.py it also locks the run dir (ddpm.runlock) before Hydra writes into it: a second run aimed at a dir
+    in use is refused in one line. A sweep locks its sweep dir at the start and each job its own job dir.
     """
 
     def __init__(self, check: str) -> None:
         self.check = {"train": check_train_run, "sample": check_sample}[check]
+        self.lock = check == "train"
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ddpm import runlock
         from ddpm.config import clean_errors
 
         with clean_errors():
             self.check(config)
+            if self.lock:  # a refusal writes nothing and removes nothing: the dir is another run's
+                resume = bool(config.get("resume"))
+                runlock.check_free(config.hydra.run.dir, resume=resume)
+                runlock.acquire(config.hydra.run.dir, resume=resume)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock:
+            from ddpm import runlock
+
+            runlock.release(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock:
+            from ddpm import runlock
+            from ddpm.config import clean_errors
+
+            with clean_errors():
+                runlock.check_free(config.hydra.sweep.dir, below=True, sweep=True)
+                runlock.acquire(config.hydra.sweep.dir, sweep=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock:
+            from ddpm import runlock
+
+            runlock.release(config.hydra.sweep.dir)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.types import RunMode
@@ -357,5 +389,18 @@ class Validate(Callback):
         from ddpm.config import clean_errors
 
         if config.hydra.mode == RunMode.MULTIRUN:
+            if self.lock:  # each job locks its own dir (the sweep dir above is this sweep's), first: a refusal removes nothing
+                from ddpm import runlock
+
+                with clean_errors():
+                    runlock.acquire(config.hydra.runtime.output_dir, resume=bool(config.get("resume")))
             with clean_errors(run_dir=config.hydra.runtime.output_dir):
                 self.check(config)
+
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        if self.lock and config.hydra.mode == RunMode.MULTIRUN:
+            from ddpm import runlock
+
+            runlock.release(config.hydra.runtime.output_dir)
