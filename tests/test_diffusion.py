@@ -259,3 +259,29 @@ def test_hybrid_loss_trains_a_tiny_unet_without_nan():
     with torch.no_grad():
         held = diffusion.training_loss(net, images[:64], t=t, noise=torch.randn(64, 1, 8, 8))
     assert math.isfinite(held.item())
+
+
+def test_hybrid_loss_trains_only_the_variance_through_the_vlb_term():
+    """Nichol & Dhariwal 2021 sec. 3.1: in L_hybrid = L_simple + lambda * T * L_vlb the mean's output is detached
+    in the L_vlb term. The gradient on the mean half of the network output is the same for lambda = 0 and a large
+    lambda (L_vlb adds nothing to it); the variance half gets a gradient only from L_vlb, so only when lambda > 0."""
+    betas = make_betas("linear", 100)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 2, 4, 4, generator=gen) * 2 - 1
+    noise = torch.randn(4, 2, 4, 4, generator=gen)
+    t = torch.tensor([0, 1, 40, 99])  # the decoder term (t = 0) and KL terms
+    output = torch.randn(4, 4, 4, 4, generator=gen) * 0.5  # [mean half | variance half], as the network returns
+
+    def gradient(vlb_weight: float) -> torch.Tensor:
+        diffusion = GaussianDiffusion(betas, variance="learned_range", vlb_weight=vlb_weight)
+        leaf = output.clone().requires_grad_(True)
+        diffusion.training_loss(lambda x, t: leaf, x0, t, noise).backward()
+        return leaf.grad
+
+    without, weighted = gradient(0.0), gradient(10.0)
+    mean_without, var_without = without.chunk(2, dim=1)
+    mean_weighted, var_weighted = weighted.chunk(2, dim=1)
+    torch.testing.assert_close(mean_weighted, mean_without, rtol=0, atol=1e-9)
+    assert mean_without.abs().min() > 0  # L_simple reaches every element of the mean half
+    assert torch.count_nonzero(var_without) == 0
+    assert bool((var_weighted.abs().amax(dim=(1, 2, 3)) > 0).all())  # every sample, t = 0 included
