@@ -1,8 +1,8 @@
 """Samplers against oracles: with the exact posterior-mean denoiser, sampling must reproduce the data.
 
 For Gaussian data every sampler here is a linear map of x_T plus Gaussian noise, so its output is exactly
-Gaussian with a mean and variance computed below by the same recursion over alpha_bar, independently of
-GaussianDiffusion. That separates two questions: is the sampler implemented right (sample statistics
+Gaussian with a mean and variance computed by the same recursion over alpha_bar (tests/chain_moments.py),
+independently of GaussianDiffusion. That separates two questions: is the sampler implemented right (sample statistics
 equal the recursion's within Monte Carlo error) and how large is its discretisation error (the
 recursion's variance against the data's; e.g. deterministic DDIM with 50 steps is about 10% narrow on
 N(0.2, 0.25^2) with the linear schedule and converges as the steps grow).
@@ -16,39 +16,15 @@ import torch
 
 from ddpm import GaussianDiffusion, make_betas
 from ddpm.diffusion import spaced_timesteps
+from chain_moments import ancestral_moments, dpm_solver_moments, kept_alphas_cumprod
 from oracles import GaussianOracle, MixtureOracle, sample_mixture
 
 MU, SD, N = 0.2, 0.25, 20_000
 
 
 def reverse_chain_moments(schedule: str, steps: int, sampler: str, eta: float, mu: float = MU, v: float = SD**2) -> tuple[float, float]:
-    """Exact mean and variance of the sampler's output for data N(mu, v), from x_T ~ N(0, 1).
-
-    On the kept timesteps k_i with a = alpha_bar_{k_i}, a' = alpha_bar_{k_{i-1}} (1 at the end), the
-    oracle is x0_hat = mu + g (x - sqrt(a) mu) with g = sqrt(a) v / (a v + 1 - a). DDPM (Ho et al. 2020,
-    eq. 7 with beta = 1 - a / a'): x' = c1 x0_hat + c2 x + sqrt(beta~) z. DDIM (Song et al. 2021, eq. 12):
-    x' = sqrt(a') x0_hat + sqrt(1 - a' - s^2) (x - sqrt(a) x0_hat) / sqrt(1 - a) + s z. Both are
-    x' = L x + K + noise, so m' = L m + K and V' = L^2 V + noise variance.
-    """
-    alphas_cumprod = torch.cumprod(1 - make_betas(schedule, 1000), 0)[spaced_timesteps(1000, steps)]
-    m, V = 0.0, 1.0
-    for i in range(len(alphas_cumprod) - 1, -1, -1):
-        a = alphas_cumprod[i].item()
-        a_prev = alphas_cumprod[i - 1].item() if i > 0 else 1.0
-        g = math.sqrt(a) * v / (a * v + 1 - a)
-        offset = mu - g * math.sqrt(a) * mu  # x0_hat = offset + g x
-        beta = 1 - a / a_prev
-        if sampler == "ddpm":
-            c1, c2 = math.sqrt(a_prev) * beta / (1 - a), math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a)
-            L, K = c1 * g + c2, c1 * offset
-            noise = beta * (1 - a_prev) / (1 - a) if i > 0 else 0.0
-        else:
-            noise = eta**2 * (1 - a_prev) / (1 - a) * beta if i > 0 else 0.0
-            c = math.sqrt(1 - a_prev - noise) / math.sqrt(1 - a)
-            L = math.sqrt(a_prev) * g + c * (1 - math.sqrt(a) * g)
-            K = (math.sqrt(a_prev) - c * math.sqrt(a)) * offset
-        m, V = L * m + K, L**2 * V + noise
-    return m, V
+    """Exact mean and variance of DDPM's or DDIM's output at `steps` uniformly spaced timesteps (tests/chain_moments.py)."""
+    return ancestral_moments(kept_alphas_cumprod(schedule, steps, "uniform"), mu, v, eta=eta, ddpm=sampler == "ddpm")
 
 
 def gaussian_samples(schedule: str, sampler: str, steps: int, eta: float, seed: int = 0, spacing: str | None = None) -> torch.Tensor:
@@ -221,34 +197,8 @@ def test_spacings_give_sorted_timesteps_that_end_at_the_noisiest_step(spacing):
 
 
 def dpm_solver_chain_moments(schedule: str, steps: int, s_tmax: float, spacing: str = "karras") -> tuple[float, float]:
-    """Exact mean and variance of DPM-Solver++(2M)'s output for data N(MU, SD^2), noise on steps with sigma/alpha <= s_tmax.
-
-    The multistep update x' = A x + B D + n z, D = x0_hat + c (x0_hat - x0_prev), with x0_hat = offset + g x
-    (as in reverse_chain_moments), A = (sigma'/sigma) e^{-eta h}, B = alpha' (1 - e^{-(1 + eta) h}),
-    n = sigma' sqrt(1 - e^{-2 eta h}), c = h / (2 h_prev) (0 on the first step) and eta = 1 where noise enters,
-    is linear in the state (x, x0_prev): its mean and 2x2 covariance follow exactly. The last step returns x0_hat.
-    """
-    alphas_cumprod = torch.cumprod(1 - make_betas(schedule, 1000), 0)
-    alphas_cumprod = alphas_cumprod[spaced_timesteps(1000, steps, spacing, alphas_cumprod)].tolist()
-    mean, cov = torch.zeros(2, dtype=torch.float64), torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))
-    previous_h = None
-    for i in range(len(alphas_cumprod) - 1, 0, -1):
-        a, a_next = alphas_cumprod[i], alphas_cumprod[i - 1]
-        g = math.sqrt(a) * SD**2 / (a * SD**2 + 1 - a)
-        offset = MU - g * math.sqrt(a) * MU
-        h = 0.5 * math.log(a_next / (1 - a_next)) - 0.5 * math.log(a / (1 - a))
-        eta = 1.0 if math.sqrt((1 - a) / a) <= s_tmax else 0.0
-        A = math.sqrt((1 - a_next) / (1 - a)) * math.exp(-eta * h)
-        B = math.sqrt(a_next) * (1 - math.exp(-(1 + eta) * h))
-        n2 = (1 - a_next) * (1 - math.exp(-2 * eta * h))
-        c = 0.0 if previous_h is None else h / (2 * previous_h)
-        M = torch.tensor([[A + B * (1 + c) * g, -B * c], [g, 0.0]], dtype=torch.float64)
-        mean = M @ mean + torch.tensor([B * (1 + c) * offset, offset], dtype=torch.float64)
-        cov = M @ cov @ M.T + torch.diag(torch.tensor([n2, 0.0], dtype=torch.float64))
-        previous_h = h
-    a = alphas_cumprod[0]
-    g = math.sqrt(a) * SD**2 / (a * SD**2 + 1 - a)
-    return MU - g * math.sqrt(a) * MU + g * mean[0].item(), g**2 * cov[0, 0].item()
+    """Exact mean and variance of DPM-Solver++(2M)'s output, noise on the steps with sigma/alpha <= s_tmax (tests/chain_moments.py)."""
+    return dpm_solver_moments(kept_alphas_cumprod(schedule, steps, spacing), MU, SD**2, s_tmax=s_tmax)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

@@ -134,7 +134,29 @@ def _check_ema_first(trainer: pl.Trainer, callback: Callback) -> None:
         )
 
 
-class SampleGrid(Callback):
+class _EveryNSteps(Callback):
+    """Calls `run(trainer, pl_module)` after every `every_n_steps`-th optimizer step (0: never); the micro-batches
+    of gradient accumulation, which leave global_step unchanged, do not count."""
+
+    every_n_steps: int
+    _seen_step = -1  # the global step at the last on_train_batch_end: a new value means an optimizer step
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        raise NotImplementedError
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:  # a micro-batch of gradient accumulation: no optimizer step yet
+            return
+        self._seen_step = step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self.run(trainer, pl_module)
+
+
+class SampleGrid(_EveryNSteps):
     """Every `every_n_steps` optimizer steps and at the end of training, draw a fixed-seed grid of `n` samples from the
     EMA weights on every rank, write `<default_root_dir>/samples/step_<6-digit step>.png` on global rank 0 and log it to
     the loggers that take images (W&B). `last_path`: the last grid written (rank 0).
@@ -159,22 +181,13 @@ class SampleGrid(Callback):
         self.sampler, self.steps, self.seed = sampler, steps, seed
         self.last_path: Path | None = None
         self._last_step = -1  # the step of the last grid
-        self._seen_step = -1  # the global step at the last on_train_batch_end: a new value means an optimizer step
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.every_n_steps:
             _check_ema_first(trainer, self)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._seen_step = trainer.global_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
-        step = trainer.global_step
-        if step == self._seen_step:  # a micro-batch of gradient accumulation: no optimizer step yet
-            return
-        self._seen_step = step
-        if self.every_n_steps and step % self.every_n_steps == 0:
-            self.draw(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        return self.draw(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps and trainer.global_step != self._last_step:
@@ -239,7 +252,7 @@ def check_monitored_checkpoints(callbacks: Mapping[str, Callback] | Sequence[Cal
             )
 
 
-class Evaluation(Callback):
+class Evaluation(_EveryNSteps):
     """Every `every_n_steps` optimizer steps, and at the end of training when the last step was not one of them, score
     `n` samples of the EMA weights against the datamodule's val split (`metrics`: fid, kid, confidence, coverage; the
     FID/KID floors at the same count) and the val split's bits/dim (`bpd`), on every rank (module docstring).
@@ -299,7 +312,6 @@ class Evaluation(Callback):
         self._evaluator: Any = None  # SampleEvaluator on global rank 0
         self._heldout: tuple[Tensor, Tensor] | None = None  # val images and labels, for bpd
         self._last_step = -1
-        self._seen_step = -1
         self._start_step = 0
 
     @property
@@ -341,15 +353,11 @@ class Evaluation(Callback):
             self._heldout = (dataset_images(datamodule.val_set), dataset_labels(datamodule.val_set))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._seen_step = self._start_step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
+        self._start_step = trainer.global_step
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
-        step = trainer.global_step
-        if step == self._seen_step:  # a micro-batch of gradient accumulation: no optimizer step yet
-            return
-        self._seen_step = step
-        if self.every_n_steps and step % self.every_n_steps == 0:
-            self.evaluate(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        return self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
