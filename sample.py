@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 # Threads that wait by sleeping, not spinning: on a shared CPU, torch's default spin-waiting OpenMP threads
-# made small-batch CPU training 25x slower whenever another process was busy (README, "Figures").
+# made small-batch CPU training 25x slower whenever another process was busy (docs/benchmarks.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json

@@ -10,8 +10,7 @@ checkpoints/ (last.ckpt), samples/ (grid PNGs) and the logger's files.
 
 Exit status: 0 done; 2 a bad config or data, or a run dir another train.py is using (one `error:` line); 3 a
 non-finite loss stopped training (one `error:` line, last.ckpt keeps the last good state); 128 + the signal number
-when SIGTERM (143) or Ctrl-C (130) stopped it after saving last.ckpt (one line naming it). README, "Interrupted runs
-and numerical faults".
+when SIGTERM (143) or Ctrl-C (130) stopped it after saving last.ckpt (one line naming it). docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import signal
 import sys
 
 # Threads that wait by sleeping, not spinning: on a shared CPU, torch's default spin-waiting OpenMP threads
-# made small-batch CPU training 25x slower whenever another process was busy (README, "Figures").
+# made small-batch CPU training 25x slower whenever another process was busy (docs/benchmarks.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path

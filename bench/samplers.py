@@ -181,7 +181,7 @@ def plot(results: dict, path: str) -> None:
             mine = [m for m in means if m[0] == sampler]
             ax.plot([m[1] for m in mine], [m[2] for m in mine], marker="o", label=sampler)
         ax.axhline(reference, color="k", ls="--", lw=1, label=f"ddpm, {reference_nfe} steps")
-        ax.axhline(1.1 * reference, color="k", ls="-.", lw=0.7, label="ddpm + 10% (issue 6's target)")
+        ax.axhline(1.1 * reference, color="k", ls="-.", lw=0.7, label="ddpm + 10% (the target)")
         if at is None:
             ax.axhline(results["fid"][0]["fid_floor"], color="gray", ls=":", lw=1, label=f"floor (real vs real, n={results['fid'][0]['n_floor']})")
         ax.set_xscale("log")

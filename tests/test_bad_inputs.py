@@ -1,5 +1,5 @@
 """Bad configs, data and checkpoints end in one clear line: exit status 2, the key or file named, no traceback,
-no run dir left behind (README, "Errors and bad input").
+no run dir left behind (docs/reliability.md).
 
 The table runs every case as a subprocess of train.py or sample.py, several at a time (one fixture starts them
 all), and each parametrized test reads its own result. Most cases stop while Hydra composes or in the Validate

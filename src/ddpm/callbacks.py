@@ -9,7 +9,7 @@ writes the EMA weights to `state_dict` and the live weights to `current_model_st
 `averaging_state`), and on resume restores both. So `DiffusionModule.load_from_checkpoint` gives the
 EMA model, and `load_module(path, use_ema=False)` (ddpm.module) the live one.
 
-Faults (README, "Interrupted runs and numerical faults"): `Checkpoint` also saves when Lightning stops on
+Faults (docs/reliability.md): `Checkpoint` also saves when Lightning stops on
 SIGTERM (its signal connector raises `SIGTERMException` at the end of the current step) and turns the
 first Ctrl-C into the same stop; `NonFiniteGuard` stops training at a non-finite loss and refuses to save
 a checkpoint whose state is not finite, so the last good checkpoint stays.

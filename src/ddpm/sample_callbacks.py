@@ -23,6 +23,8 @@ How the ranks share the work (`draw_samples`, `Evaluation.heldout_bits_per_dim`)
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, get_args
@@ -134,15 +136,16 @@ def _check_ema_first(trainer: pl.Trainer, callback: Callback) -> None:
         )
 
 
-class _EveryNSteps(Callback):
+class _EveryNSteps(Callback, ABC):
     """Calls `run(trainer, pl_module)` after every `every_n_steps`-th optimizer step (0: never); the micro-batches
     of gradient accumulation, which leave global_step unchanged, do not count."""
 
     every_n_steps: int
     _seen_step = -1  # the global step at the last on_train_batch_end: a new value means an optimizer step
 
+    @abstractmethod
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        raise NotImplementedError
+        """The work done every `every_n_steps` optimizer steps, on every rank."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen_step = trainer.global_step

@@ -1,6 +1,6 @@
 """Config schemas and value checks: a bad config is refused before a run starts, in one line that names the key.
 
-Two layers (README, "Errors and bad input"):
+Two layers (docs/reliability.md):
 - types: dataclass schemas of the config groups (`schedule`, `model`, `data`) and of sample.py's options, stored in
   Hydra's ConfigStore (group `schema`) and named in the defaults lists of conf/train.yaml and conf/sample.yaml, so
   OmegaConf rejects `data.batch_size=1.5` or `n=abc` while Hydra composes;
