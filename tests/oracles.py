@@ -6,6 +6,9 @@ For x_t = a x_0 + s eps with a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t):
   E[x_0 | x_t] = sum_k r_k [mu_k + a v_k / (a^2 v_k + s^2) (x_t - a mu_k)].
 The minimiser of L_simple is this posterior mean expressed in the objective's parameterisation, so
 a sampler fed by the oracle must reproduce the data distribution up to its discretisation error.
+For objective "edm" (Karras et al. 2022 table 1 with sigma = s / a, y = x_t / a = x_0 + sigma eps) the network
+sees c_in y with c_in = 1 / sqrt(sigma^2 + sigma_data^2) and outputs F with x_0 = c_skip y + c_out F,
+c_skip = sigma_data^2 / (sigma^2 + sigma_data^2), c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2).
 """
 from __future__ import annotations
 
@@ -28,12 +31,20 @@ class Oracle(ABC):
     def posterior_mean(self, xt: Tensor, a: Tensor, s: Tensor) -> Tensor:
         """E[x_0 | x_t] in float64, shape of xt; a and s are (B, 1, ...) broadcastable."""
 
-    def __call__(self, xt: Tensor, t: Tensor) -> Tensor:
-        alpha_bar = self.alphas_cumprod[t].reshape(-1, *([1] * (xt.ndim - 1)))
+    def __call__(self, net_input: Tensor, t: Tensor) -> Tensor:
+        alpha_bar = self.alphas_cumprod[t].reshape(-1, *([1] * (net_input.ndim - 1)))
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        x0 = self.posterior_mean(xt.double(), a, s)
-        eps = (xt.double() - a * x0) / s
         objective = self.diffusion.objective
+        if objective == "edm":
+            sigma, sigma_data = s / a, self.diffusion.sigma_data
+            c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+            c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+            c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+            y = net_input.double() / c_in
+            return ((self.posterior_mean(a * y, a, s) - c_skip * y) / c_out).float()
+        xt = net_input.double()
+        x0 = self.posterior_mean(xt, a, s)
+        eps = (xt - a * x0) / s
         out = {"eps": eps, "x0": x0, "v": a * eps - s * x0}[objective]
         return out.float()
 

@@ -1,15 +1,25 @@
 """GaussianDiffusion against closed forms: the forward process, Bayes' posterior, objectives, losses, the bound."""
 import math
+from typing import get_args
 
 import pytest
 import torch
 from torch.special import ndtr
 
 from ddpm import GaussianDiffusion, make_betas
-from ddpm.diffusion import discretized_gaussian_log_likelihood
+from ddpm.diffusion import Objective, discretized_gaussian_log_likelihood, timestep_probs
+from ddpm.schedules import SCHEDULES
 from oracles import GaussianOracle
 
-SCHEDULES = ["linear", "cosine"]
+SCHEDULES = sorted(SCHEDULES)
+
+
+def edm_coefficients(alpha_bar, sigma_data=0.5):
+    """Karras et al. 2022 table 1 in sigma = sqrt(1 - alpha_bar) / sqrt(alpha_bar), for y = x_t / sqrt(alpha_bar)."""
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    return c_skip, c_out
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -71,13 +81,13 @@ def test_q_posterior_equals_bayes_rule(schedule):
     assert torch.allclose(at0.mean, x0[:4].float(), atol=1e-6) and bool((at0.variance == 0).all())
 
 
-def test_three_objectives_predict_the_same_x0_from_the_same_oracle():
+def test_every_objective_predicts_the_same_x0_from_the_same_oracle():
     betas = make_betas("cosine", 1000)
     mean, cov = torch.tensor([0.2, -0.1]), torch.tensor([[0.0625, 0.02], [0.02, 0.04]])
     g = torch.Generator().manual_seed(2)
     xt, t = torch.randn(64, 2, generator=g), torch.randint(0, 1000, (64,), generator=g)
     preds = []
-    for objective in ["eps", "x0", "v"]:
+    for objective in get_args(Objective):
         diffusion = GaussianDiffusion(betas, objective=objective)
         preds.append(diffusion.p_mean_variance(GaussianOracle(diffusion, mean, cov), xt, t, clip_denoised=False))
     for other in preds[1:]:
@@ -85,21 +95,25 @@ def test_three_objectives_predict_the_same_x0_from_the_same_oracle():
         assert torch.allclose(other.mean, preds[0].mean, atol=2e-4)
 
 
-@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+@pytest.mark.parametrize("objective", get_args(Objective))
 def test_training_loss_is_the_mse_to_the_objectives_target(objective):
     betas = make_betas("linear", 1000)
     diffusion = GaussianDiffusion(betas, objective=objective)
     x0, noise = torch.randn(5, 1, 4, 4).clamp(-1, 1), torch.randn(5, 1, 4, 4)
     t = torch.tensor([0, 3, 300, 700, 999])
-    a = torch.cumprod(1 - betas, 0)[t].float().reshape(-1, 1, 1, 1)
-    target = {"eps": noise, "x0": x0, "v": a.sqrt() * noise - (1 - a).sqrt() * x0}[objective]
+    a = torch.cumprod(1 - betas, 0)[t].reshape(-1, 1, 1, 1)
+    c_skip, c_out = edm_coefficients(a)
+    y = x0 + ((1 - a) / a).sqrt() * noise  # x_t / sqrt(alpha_bar): EDM's noisy input
+    edm = ((x0 - c_skip * y) / c_out).float()
+    a = a.float()
+    target = {"eps": noise, "x0": x0, "v": a.sqrt() * noise - (1 - a).sqrt() * x0, "edm": edm}[objective]
     zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
     per_sample = diffusion.training_loss(zero, x0, t, noise, reduction="none")
-    assert torch.allclose(per_sample, (target**2).mean(dim=(1, 2, 3)), atol=1e-6)
+    assert torch.allclose(per_sample, (target**2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-6)
     assert diffusion.training_loss(zero, x0, t, noise).item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+@pytest.mark.parametrize("objective", get_args(Objective))
 def test_min_snr_gamma_weights(objective):
     """Hang et al. 2023: the x0-space weight min(SNR, gamma), expressed for each objective's MSE."""
     betas = make_betas("linear", 1000)
@@ -108,8 +122,80 @@ def test_min_snr_gamma_weights(objective):
     a = torch.cumprod(1 - betas, 0)[t]
     snr = a / (1 - a)
     x0_weight = snr.clamp(max=5.0)
-    expected = {"eps": x0_weight / snr, "x0": x0_weight, "v": x0_weight / (snr + 1)}[objective]
+    c_out = edm_coefficients(a)[1]
+    expected = {"eps": x0_weight / snr, "x0": x0_weight, "v": x0_weight / (snr + 1), "edm": x0_weight * c_out**2}[objective]
     assert torch.allclose(diffusion.loss_weight(t).double(), expected, rtol=1e-4)
+
+
+def test_edm_preconditioning_with_unit_sigma_data_is_v_prediction():
+    """With sigma_data = 1, c_in = 1, c_skip = sqrt(alpha_bar), c_out = sqrt(1 - alpha_bar): x_0 = sqrt(a) x_t - sqrt(1 - a) v,
+    so EDM's F is -v, and a net trained for one serves the other."""
+    betas = make_betas("cosine", 1000)
+    edm, v = GaussianDiffusion(betas, objective="edm", sigma_data=1.0), GaussianDiffusion(betas, objective="v")
+    g = torch.Generator().manual_seed(0)
+    x0, noise, t = torch.rand(6, 3, generator=g) * 2 - 1, torch.randn(6, 3, generator=g), torch.tensor([0, 1, 10, 400, 900, 999])
+    assert torch.allclose(edm.target(x0, t, noise), -v.target(x0, t, noise), atol=1e-5)
+    seen = []
+    net = lambda x, t: seen.append(x) or torch.zeros_like(x)  # noqa: E731
+    xt = edm.q_sample(x0, t, noise)
+    edm.model_output(net, xt, t)
+    assert torch.allclose(seen[0], xt, atol=1e-6)
+    out = torch.randn(6, 3, generator=g)
+    assert torch.allclose(edm.predict_x0(xt, t, -out), v.predict_x0(xt, t, out), atol=1e-5)
+
+
+def test_edm_network_input_has_unit_variance_for_data_of_sigma_data():
+    """c_in x_t has variance 1 at every t when the data's standard deviation is sigma_data (Karras et al. 2022, B.6)."""
+    diffusion = GaussianDiffusion(make_betas("linear", 1000), objective="edm", sigma_data=0.3)
+    g = torch.Generator().manual_seed(1)
+    x0 = 0.3 * torch.randn(40_000, 1, generator=g)
+    for step in (0, 100, 500, 999):
+        t = torch.full((len(x0),), step)
+        seen = []
+        diffusion.model_output(lambda x, t: seen.append(x) or x, diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g)), t)
+        assert seen[0].var().item() == pytest.approx(1.0, abs=0.03)  # 5 standard errors sqrt(2 / N) = 0.035
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_lognormal_timesteps_follow_karras_log_normal_over_sigma(schedule):
+    """Draws of ln sigma ~ N(-1.2, 1.2^2), each snapped to the t of nearest ln sigma_t, have timestep_probs' frequencies
+    (within 5 binomial standard errors plus 2 counts, for the tail bins that expect far less than one draw),
+    and sample_timesteps draws from them."""
+    T, N = 1000, 400_000
+    alphas_cumprod = torch.cumprod(1 - make_betas(schedule, T), 0)
+    probs = timestep_probs(alphas_cumprod, "lognormal", -1.2, 1.2)
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-12) and bool((probs > 0).all())
+    log_sigma = 0.5 * ((1 - alphas_cumprod) / alphas_cumprod).log()
+    g = torch.Generator().manual_seed(2)
+    draws = -1.2 + 1.2 * torch.randn(N, generator=g, dtype=torch.float64)
+    snapped = torch.bucketize(draws, (log_sigma[1:] + log_sigma[:-1]) / 2)  # log sigma_t rises with t
+    freq = torch.bincount(snapped, minlength=T).double() / N
+    assert torch.all((freq - probs).abs() <= 5 * (probs * (1 - probs) / N).sqrt() + 2 / N)
+    diffusion = GaussianDiffusion(make_betas(schedule, T), timestep_sampling="lognormal")
+    t = diffusion.sample_timesteps(N, generator=torch.Generator().manual_seed(3))
+    freq = torch.bincount(t, minlength=T).double() / N
+    assert torch.all((freq - probs).abs() <= 5 * (probs * (1 - probs) / N).sqrt() + 2 / N)
+    # half the mass lies below sigma = e^-1.2, i.e. at t where log sigma_t < -1.2
+    assert probs[log_sigma < -1.2].sum().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_hybrid_loss_stays_an_unbiased_estimate_of_l_vlb_under_lognormal_timesteps():
+    """E_{t ~ p}[lambda T w_t L_t] with w_t = 1 / (T p_t) equals uniform t's E[lambda T L_t]: the L_vlb part of the loss
+    summed over all t, weighted by p_t, is the uniform process's mean over t."""
+    betas = make_betas("linear", 200)
+    uniform = GaussianDiffusion(betas, variance="learned_range")
+    lognormal = GaussianDiffusion(betas, variance="learned_range", timestep_sampling="lognormal")
+    g = torch.Generator().manual_seed(4)
+    x0, noise = torch.rand(1, 1, 2, 2, generator=g) * 2 - 1, torch.randn(1, 1, 2, 2, generator=g)
+    t = torch.arange(200)
+    x0, noise = x0.expand(200, -1, -1, -1), noise.expand(200, -1, -1, -1)
+    net = lambda x, t: torch.cat([torch.zeros_like(x), torch.full_like(x, 0.3)], dim=1)  # noqa: E731
+    mse = (noise**2).mean(dim=(1, 2, 3))  # L_simple of the zero eps prediction, the same for both
+    vlb_uniform = uniform.training_loss(net, x0, t, noise, reduction="none") - mse
+    vlb_lognormal = lognormal.training_loss(net, x0, t, noise, reduction="none") - mse
+    p = lognormal.timestep_probs.double()
+    assert (p * vlb_lognormal.double()).sum().item() == pytest.approx(vlb_uniform.double().mean().item(), rel=1e-4)
+    assert not torch.allclose(vlb_lognormal, vlb_uniform)  # the weights do differ per t
 
 
 def test_bad_options_are_rejected_with_the_accepted_values():

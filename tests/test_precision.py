@@ -1,10 +1,11 @@
-"""Every precision the validator accepts, crossed with every objective and variance, and with every sampler.
+"""Every precision the validator accepts, crossed with every objective, variance and timestep sampling, and with
+every sampler.
 
 - The schedule constants stay exact whatever the module's dtype: casting GaussianDiffusion (bf16-true, 16-true,
   64-true) leaves its float32 buffers equal to the float64 schedule rounded once, so every sampler returns the
   same samples as in float32; they are not saved in checkpoints, and rounded ones in an older checkpoint are
   not loaded back.
-- Each precision x objective x variance trains a tiny model for two steps with Lightning (EMA on) and samples
+- Each precision x objective x variance x timestep sampling trains a tiny model for two steps with Lightning (EMA on) and samples
   finite images from the live and the EMA weights.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm import GaussianDiffusion, make_betas
 from ddpm.callbacks import EMA
-from ddpm.diffusion import Objective, Variance
+from ddpm.diffusion import Objective, TimestepSampling, Variance
 from ddpm.module import DiffusionModule
 from ddpm.samplers import SAMPLERS
 from ddpm.schema import PRECISIONS
@@ -74,21 +75,22 @@ def test_sampling_on_another_device_or_with_fewer_steps_never_moves_or_changes_t
     assert all(torch.equal(buffer, before[name]) and buffer.device.type == "cpu" for name, buffer in diffusion.named_buffers())
 
 
-def _tiny_module(objective: str, variance: str) -> DiffusionModule:
+def _tiny_module(objective: str, variance: str, timestep_sampling: str = "uniform") -> DiffusionModule:
     unet = dict(image_size=8, in_channels=1, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
                 attention_resolutions=[], norm_groups=4)  # fmt: skip
     return DiffusionModule(unet, schedule="linear", timesteps=50, objective=objective, variance=variance,
-                           warmup_steps=0, sample_every_n_steps=0)  # fmt: skip
+                           timestep_sampling=timestep_sampling, warmup_steps=0, sample_every_n_steps=0)  # fmt: skip
 
 
 @pytest.mark.parametrize("precision", TRAIN_PRECISIONS)
 @pytest.mark.parametrize("objective", get_args(Objective))
 @pytest.mark.parametrize("variance", get_args(Variance))
-def test_every_precision_objective_and_variance_trains_and_samples(precision, objective, variance):
+@pytest.mark.parametrize("timestep_sampling", get_args(TimestepSampling))
+def test_every_precision_objective_and_variance_trains_and_samples(precision, objective, variance, timestep_sampling):
     torch.manual_seed(0)
     images = torch.rand(16, 1, 8, 8) * 2 - 1
     data = DataLoader(TensorDataset(images, torch.zeros(16, dtype=torch.long)), batch_size=8)
-    module = _tiny_module(objective, variance)
+    module = _tiny_module(objective, variance, timestep_sampling)
     ema = EMA(decay=0.9)
     trainer = pl.Trainer(
         accelerator="cpu", precision=precision, max_steps=2, logger=False, enable_checkpointing=False,

@@ -11,6 +11,8 @@ References (equation numbers as in the papers):
 - Song et al. 2021, "Denoising Diffusion Implicit Models" (DDIM): eq. 12 (see samplers.py).
 - Salimans & Ho 2022, "Progressive Distillation": v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0.
 - Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy".
+- Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models" (EDM): table 1's
+  preconditioning (objective "edm") and the log-normal training distribution of sigma (sec. 5).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from torch import Tensor, nn
 
 from ddpm import samplers
 
-Objective = Literal["eps", "x0", "v"]
+Objective = Literal["eps", "x0", "v", "edm"]
+TimestepSampling = Literal["uniform", "lognormal"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 Model = Callable[..., Tensor]
 
@@ -147,6 +150,22 @@ def _distinct(timesteps: Tensor, num_timesteps: int) -> Tensor:
     return torch.tensor(kept, dtype=torch.long)
 
 
+def timestep_probs(alphas_cumprod: Tensor, sampling: TimestepSampling = "uniform", mean: float = -1.2, std: float = 1.2) -> Tensor:
+    """The training distribution of t (T,), float64. "uniform": 1 / T each. "lognormal": Karras et al. 2022's
+    ln sigma ~ N(mean, std^2) over sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), each t taking the normal's mass
+    between the midpoints of ln sigma to its neighbours (the first and last t take the tails)."""
+    T = len(alphas_cumprod)
+    if sampling == "uniform":
+        return torch.full((T,), 1.0 / T, dtype=torch.float64)
+    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    log_sigma = 0.5 * (torch.log1p(-a) - a.log())
+    edges = (log_sigma[1:] + log_sigma[:-1]) / 2
+    cdf = 0.5 * torch.erfc(-(edges - mean) / (std * math.sqrt(2.0)))
+    cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])
+    probs = (cdf[1:] - cdf[:-1]).clamp(min=1e-12)  # every t stays reachable
+    return probs / probs.sum()
+
+
 def _check_choice(name: str, value: str, literal: Any) -> None:
     if value not in get_args(literal):
         raise ValueError(f"{name} must be one of {', '.join(get_args(literal))}; got {value!r}")
@@ -166,6 +185,17 @@ class GaussianDiffusion(nn.Module):
             with learned_range.
         timestep_map: for respaced processes, the original timestep that each step here stands for;
             the network always sees original timesteps. Defaults to 0..T-1.
+        sigma_data: the data's standard deviation that objective "edm" assumes (0.5 in Karras et al. 2022).
+        timestep_sampling: the training distribution of t: "uniform" (Ho et al. 2020) or "lognormal" (Karras
+            et al. 2022: ln sigma ~ N(lognormal_mean, lognormal_std^2) with sigma = sqrt(1 - alpha_bar) / sqrt(alpha_bar),
+            each t taking the mass of its interval of ln sigma; see `timestep_probs`).
+        lognormal_mean, lognormal_std: its P_mean and P_std (-1.2 and 1.2 in Karras et al. 2022).
+
+    Objective "edm" is Karras et al. 2022's preconditioning written for x_t = a x_0 + s eps (a = sqrt(alpha_bar),
+    s = sqrt(1 - alpha_bar), sigma = s / a, v_d = sigma_data^2): the network F sees c_in x_t = x_t / sqrt(s^2 + a^2 v_d)
+    (unit variance for data of variance v_d) and x_0 = c_skip x_t + c_out F with c_skip = a v_d / (s^2 + a^2 v_d),
+    c_out = s sigma_data / sqrt(s^2 + a^2 v_d); its target (x_0 - c_skip x_t) / c_out makes the plain MSE EDM's
+    weighted loss. With sigma_data = 1 it is v-prediction with F = -v.
 
     Schedule constants are computed in float64 and kept as float32 buffers that follow the module's device but
     never its dtype (`module.to(torch.bfloat16)` leaves them exact) and are not saved in checkpoints (they follow
@@ -180,12 +210,21 @@ class GaussianDiffusion(nn.Module):
         min_snr_gamma: float | None = None,
         timestep_map: Tensor | None = None,
         vlb_weight: float = 0.001,
+        sigma_data: float = 0.5,
+        timestep_sampling: TimestepSampling = "uniform",
+        lognormal_mean: float = -1.2,
+        lognormal_std: float = 1.2,
     ) -> None:
         super().__init__()
         _check_choice("objective", objective, Objective)
         _check_choice("variance", variance, Variance)
+        _check_choice("timestep_sampling", timestep_sampling, TimestepSampling)
         if min_snr_gamma is not None and not min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0 or None, got {min_snr_gamma!r}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
+        if not lognormal_std > 0:
+            raise ValueError(f"lognormal_std must be > 0, got {lognormal_std!r}")
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         if betas.numel() < 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a non-empty 1-D tensor with values in (0, 1)")
@@ -193,6 +232,9 @@ class GaussianDiffusion(nn.Module):
         self.variance = variance
         self.min_snr_gamma = min_snr_gamma
         self.vlb_weight = vlb_weight
+        self.sigma_data = sigma_data
+        self.timestep_sampling = timestep_sampling
+        self.lognormal_mean, self.lognormal_std = lognormal_mean, lognormal_std
         self.num_timesteps = T = betas.numel()
 
         alphas = 1.0 - betas
@@ -227,6 +269,15 @@ class GaussianDiffusion(nn.Module):
         buffer("large_variance", large)
         buffer("large_log_variance", large.log())
         buffer("log_betas", betas.log())
+        # EDM preconditioning (objective "edm"), in x_t's terms: see the class docstring
+        edm_var = (1.0 - alphas_cumprod) + alphas_cumprod * sigma_data**2
+        buffer("edm_c_in", edm_var.rsqrt())
+        buffer("edm_c_skip", alphas_cumprod.sqrt() * sigma_data**2 / edm_var)
+        buffer("edm_c_out", (1.0 - alphas_cumprod).sqrt() * sigma_data / edm_var.sqrt())
+        probs = timestep_probs(alphas_cumprod, timestep_sampling, lognormal_mean, lognormal_std)
+        buffer("timestep_probs", probs)
+        # 1 / (T p_t): keeps T * L_t of the hybrid loss an unbiased estimate of L_vlb when t is not uniform
+        buffer("vlb_importance", 1.0 / (T * probs))
         if timestep_map is None:
             timestep_map = torch.arange(T)
         self.register_buffer("timestep_map", torch.as_tensor(timestep_map, dtype=torch.long), persistent=False)
@@ -288,15 +339,21 @@ class GaussianDiffusion(nn.Module):
             return self.predict_x0_from_eps(xt, t, output)
         if self.objective == "x0":
             return output
+        if self.objective == "edm":
+            return extract(self.edm_c_skip, t, xt.shape) * xt + extract(self.edm_c_out, t, xt.shape) * output
         # v = sqrt(a) eps - sqrt(1 - a) x_0  =>  x_0 = sqrt(a) x_t - sqrt(1 - a) v
         return extract(self.sqrt_alphas_cumprod, t, xt.shape) * xt - extract(self.sqrt_one_minus_alphas_cumprod, t, xt.shape) * output
 
     def target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """The regression target of the objective: eps, x_0, or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0."""
+        """The regression target of the objective: eps, x_0, v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, or
+        EDM's (x_0 - c_skip x_t) / c_out."""
         if self.objective == "eps":
             return noise
         if self.objective == "x0":
             return x0
+        if self.objective == "edm":
+            xt = self.q_sample(x0, t, noise)
+            return (x0 - extract(self.edm_c_skip, t, x0.shape) * xt) / extract(self.edm_c_out, t, x0.shape)
         return extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
 
     def snr(self, t: Tensor) -> Tensor:
@@ -309,6 +366,8 @@ class GaussianDiffusion(nn.Module):
             return torch.ones(t.shape, device=t.device)
         snr = self.snr(t)
         clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.objective == "edm":  # x_0's error is c_out times F's
+            return clipped * self.edm_c_out[t] ** 2
         return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0)}[self.objective]
 
     # ---- reverse process ------------------------------------------------------------------------
@@ -318,7 +377,10 @@ class GaussianDiffusion(nn.Module):
         return 2 * channels if self.variance == "learned_range" else channels
 
     def model_output(self, model: Model, xt: Tensor, t: Tensor, model_kwargs: dict | None = None) -> Tensor:
-        """Call the network with original timesteps (respaced processes map their own steps back)."""
+        """Call the network with original timesteps (respaced processes map their own steps back); with objective
+        "edm" it sees c_in x_t."""
+        if self.objective == "edm":
+            xt = extract(self.edm_c_in, t, xt.shape) * xt
         return model(xt, self.timestep_map[t], **(model_kwargs or {}))
 
     def p_mean_variance(
@@ -356,16 +418,18 @@ class GaussianDiffusion(nn.Module):
         model_kwargs: dict | None = None,
         reduction: Literal["mean", "none"] = "mean",
     ) -> Tensor:
-        """L_simple (Ho et al. 2020, eq. 14): || target - model(x_t, t) ||^2 with t ~ U{0..T-1} per sample.
+        """L_simple (Ho et al. 2020, eq. 14): || target - model(x_t, t) ||^2 with t drawn per sample by
+        `sample_timesteps` (uniform on 0..T-1 unless timestep_sampling says otherwise).
 
         The target is eps, x_0 or v by `objective`; optionally min-SNR-gamma weighted. With learned_range,
         L_hybrid = L_simple + vlb_weight * T * L_t (Nichol & Dhariwal 2021 sec. 3.1; T * L_t estimates
-        L_vlb), with the mean's output detached in L_t so it only trains the variance. Computed in
+        L_vlb; weighted by 1 / (T p_t) when t is not uniform), with the mean's output detached in L_t so it only
+        trains the variance. Computed in
         float32 even when the network ran under autocast. Returns the batch mean, or (B,) with
         reduction="none".
         """
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+            t = self.sample_timesteps(x0.shape[0], device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0, dtype=torch.float32)
         x0 = x0.float()
@@ -378,8 +442,15 @@ class GaussianDiffusion(nn.Module):
             output = mean_output
         losses = mean_flat((output - self.target(x0, t, noise.float())) ** 2) * self.loss_weight(t)
         if self.variance == "learned_range":
-            losses = losses + self.vlb_weight * self.num_timesteps * vb
+            losses = losses + self.vlb_weight * self.num_timesteps * self.vlb_importance[t] * vb
         return losses.mean() if reduction == "mean" else losses
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+        """n training timesteps (n,) from `timestep_probs`: uniform draws with randint, others by their mass."""
+        device = device if device is not None else generator.device if generator is not None else self.betas.device
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+        return torch.multinomial(self.timestep_probs.to(device), n, replacement=True, generator=generator)
 
     # ---- sampling -------------------------------------------------------------------------------
 
@@ -394,7 +465,8 @@ class GaussianDiffusion(nn.Module):
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         betas = 1.0 - alphas_cumprod / previous
         respaced = GaussianDiffusion(
-            betas, self.objective, self.variance, self.min_snr_gamma, self.timestep_map.cpu()[timesteps], self.vlb_weight
+            betas, self.objective, self.variance, self.min_snr_gamma, self.timestep_map.cpu()[timesteps], self.vlb_weight,
+            self.sigma_data,
         )
         return respaced.to(self.betas.device)
 

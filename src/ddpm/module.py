@@ -52,11 +52,15 @@ class DiffusionModule(LightningModule):
         unet: keyword arguments of ddpm.UNet (image_size, in_channels, base_channels, channel_mult, ...).
         schedule: a beta schedule name in ddpm.schedules.SCHEDULES ("linear", "cosine").
         timesteps: T, the length of the forward process.
-        objective: what the net predicts: "eps" (the paper), "x0" or "v".
+        objective: what the net predicts: "eps" (the paper), "x0", "v", or "edm" (Karras et al. 2022's
+            preconditioning for data of standard deviation `sigma_data`).
         variance: reverse-process variance, "fixed_small" (beta-tilde), "fixed_large" (beta) or
             "learned_range" (Nichol & Dhariwal 2021; the UNet then outputs twice the channels).
         min_snr_gamma: min-SNR-gamma loss weighting, None for the plain L_simple.
         vlb_weight: lambda of L_hybrid = L_simple + lambda L_vlb, used with learned_range only.
+        sigma_data: the data's standard deviation assumed by objective "edm".
+        timestep_sampling: the training distribution of t, "uniform" (the paper) or "lognormal" (Karras et al.
+            2022's log-normal over sigma, with `lognormal_mean` and `lognormal_std`).
         cond_drop_prob: for class-conditional models (model.num_classes), the probability that a label is
             replaced by the null label in training, so classifier-free guidance can sample (Ho & Salimans 2022).
         optimizer: "adam" (the paper) or "adamw".
@@ -89,10 +93,14 @@ class DiffusionModule(LightningModule):
         unet: dict[str, Any],
         schedule: str = "linear",
         timesteps: int = 1000,
-        objective: Literal["eps", "x0", "v"] = "eps",
+        objective: Literal["eps", "x0", "v", "edm"] = "eps",
         variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small",
         min_snr_gamma: float | None = None,
         vlb_weight: float = 0.001,
+        sigma_data: float = 0.5,
+        timestep_sampling: Literal["uniform", "lognormal"] = "uniform",
+        lognormal_mean: float = -1.2,
+        lognormal_std: float = 1.2,
         cond_drop_prob: float = 0.0,
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 2e-4,
@@ -127,7 +135,8 @@ class DiffusionModule(LightningModule):
         try:
             self.diffusion = GaussianDiffusion(
                 make_betas(schedule, timesteps), objective=objective, variance=variance,
-                min_snr_gamma=min_snr_gamma, vlb_weight=vlb_weight,
+                min_snr_gamma=min_snr_gamma, vlb_weight=vlb_weight, sigma_data=sigma_data,
+                timestep_sampling=timestep_sampling, lognormal_mean=lognormal_mean, lognormal_std=lognormal_std,
             )  # fmt: skip
             unet = dict(unet)
             if unet.get("out_channels") is None:  # learned_range predicts a variance too: twice the channels
@@ -152,7 +161,8 @@ class DiffusionModule(LightningModule):
         return self.unet.num_classes is not None
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """The network's prediction (eps, x0 or v by objective) for x_t (B, C, H, W) at t (B,)."""
+        """The UNet's output for its input (B, C, H, W) at t (B,): eps, x0, v or EDM's F by objective (with "edm"
+        the input is c_in x_t; GaussianDiffusion.model_output scales it)."""
         return self.unet(x_t, t, y)
 
     def _model_kwargs(self, y: Tensor, drop_prob: float = 0.0, uniforms: Tensor | None = None) -> dict[str, Tensor] | None:
@@ -212,7 +222,7 @@ class DiffusionModule(LightningModule):
             self._draw_generator = torch.Generator(device=device)
         g = self._draw_generator.manual_seed(_seed_of(*seed))
         n = accum * world * B
-        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g, device=device)
+        t = self.diffusion.sample_timesteps(n, generator=g, device=device)
         drop = torch.rand((n,), generator=g, device=device)
         rows = [(batch_idx % accum) * world * B + i * world + rank for i in range(B)]
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g.manual_seed(_seed_of(*seed, row)), device=device) for row in rows])

@@ -138,7 +138,7 @@ def check_module(args: Mapping[str, Any]) -> None:
 
     `timesteps` and `schedule` are reported as `schedule.timesteps` / `schedule.name`, where users set them.
     """
-    from ddpm.diffusion import Objective, Variance
+    from ddpm.diffusion import Objective, TimestepSampling, Variance
     from ddpm.samplers import SAMPLERS
     from ddpm.schedules import SCHEDULES
 
@@ -152,6 +152,10 @@ def check_module(args: Mapping[str, Any]) -> None:
         "variance": (lambda v: v in get_args(Variance), " or ".join(get_args(Variance))),
         "min_snr_gamma": (lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0"),
         "vlb_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "sigma_data": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+        "timestep_sampling": (lambda v: v in get_args(TimestepSampling), " or ".join(get_args(TimestepSampling))),
+        "lognormal_mean": (_is_number, "a number"),
+        "lognormal_std": (lambda v: _is_number(v) and v > 0, "a number > 0"),
         "cond_drop_prob": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
         "lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
         "betas": (lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
