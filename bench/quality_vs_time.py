@@ -27,17 +27,22 @@ from ddpm.module import load_module
 SAMPLERS = [("ddpm", None), ("ddim", 50), ("ddim", 20)]
 
 
-def train(schedule: str, minutes: int, run_dir: Path, extra: list[str]) -> None:
-    """One training run of `minutes`, checkpointing every minute into <run_dir>/checkpoints/timed/."""
-    cmd = [
-        sys.executable, "train.py", f"schedule={schedule}", f"hydra.run.dir={run_dir}", "logger=csv",
+def train_command(run_dir: Path, minutes: int, overrides: list[str]) -> list[str]:
+    """`python train.py` for `minutes` with `overrides`, checkpointing every minute into <run_dir>/checkpoints/timed/."""
+    return [
+        sys.executable, "train.py", f"hydra.run.dir={run_dir}",
         f"trainer.max_time=00:00:{minutes:02d}:00", "trainer.max_steps=-1",
         "+callbacks.timed._target_=lightning.pytorch.callbacks.ModelCheckpoint",
         f"+callbacks.timed.dirpath={run_dir}/checkpoints/timed", "+callbacks.timed.filename='minute_{step:06d}'",
         "+callbacks.timed.auto_insert_metric_name=false", "+callbacks.timed.save_top_k=-1",
         "+callbacks.timed.train_time_interval._target_=datetime.timedelta", "+callbacks.timed.train_time_interval.minutes=1",
-        *extra,
+        *overrides,
     ]  # fmt: skip
+
+
+def train(schedule: str, minutes: int, run_dir: Path, extra: list[str]) -> None:
+    """One training run of `minutes` on `schedule`, checkpointing every minute."""
+    cmd = train_command(run_dir, minutes, [f"schedule={schedule}", "logger=csv", *extra])
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 

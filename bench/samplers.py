@@ -53,17 +53,18 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--nfe", default="5,10,20,50,100", help="network evaluations per sample")
     p.add_argument("--samplers", default="ddim,dpmsolver++,dpmsolver++sde,heun")
-    p.add_argument("--reference-steps", type=int, default=None, help="ddpm steps of the reference (default: all T)")
+    p.add_argument("--reference-steps", type=int, default=None, help="ddpm steps of the reference (default: all T; 0: no reference and no plot)")
     p.add_argument("--guidance", default="", help="guidance scales for a class-conditional checkpoint, e.g. 0,1,2,3,5")
     p.add_argument("--guidance-sampler", default="dpmsolver++")
     p.add_argument("--guidance-nfe", type=int, default=20)
+    p.add_argument("--spacing", default=None, help="timestep spacing of every sampler (uniform, trailing, karras; default: each sampler's own; all T steps are all T steps)")
     p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
     p.add_argument("--skip-fid", action="store_true", help="only the guidance figures")
     p.add_argument("--replot", metavar="JSON", nargs="+", help="only redraw the plot from earlier runs' JSON; several (runs over other seeds) are merged into --out")
     p.add_argument("--seeds", default="0", help="one draw of n samples per seed for every setting, e.g. 0,1,2,3,4")
     p.add_argument("--fid-at", default="", help="also score the first k samples of every draw for these k (e.g. 500,1000,2000) and extrapolate FID to infinitely many samples")
     p.add_argument("--out", default="bench/results/samplers.json")
-    p.add_argument("--plot", default="docs/samplers_fid.png")
+    p.add_argument("--plot", default="docs/samplers_fid_linear.png")
     args = p.parse_args()
     if args.replot:
         runs = [json.loads(Path(path).read_text()) for path in args.replot]
@@ -86,14 +87,14 @@ def main() -> None:
     train, _ = digits_split("train")
     evaluator = SampleEvaluator(val, floor_real=train, metrics=("fid", "confidence", "coverage"))
     results: dict = {
-        "ckpt": str(args.ckpt), "global_step": loaded.global_step, "n": args.n, "seeds": [], "sde_s_tmax": SDE_S_TMAX,
+        "ckpt": str(args.ckpt), "global_step": loaded.global_step, "schedule": module.hparams.schedule, "n": args.n, "seeds": [], "sde_s_tmax": SDE_S_TMAX,
         "fid": [], "guidance": [],
     }  # fmt: skip
 
     def score(sampler: str, nfe: int, steps: int | None, seed: int) -> dict:
         t0 = time.perf_counter()
-        x = draw(module, args.n, args.batch_size, seed, sampler=sampler, steps=steps, bf16=args.bf16)
-        row = {"sampler": sampler, "nfe": nfe, "steps": steps, "seed": seed, "seconds": round(time.perf_counter() - t0, 1), **evaluator(x)}
+        x = draw(module, args.n, args.batch_size, seed, sampler=sampler, steps=steps, bf16=args.bf16, spacing=args.spacing)
+        row = {"sampler": sampler, "nfe": nfe, "steps": steps, "spacing": args.spacing, "seed": seed, "seconds": round(time.perf_counter() - t0, 1), **evaluator(x)}
         if fid_at:
             row["fid_at"] = {str(k): row["fid"] if k == args.n else evaluator(x[:k])["fid"] for k in fid_at}
             row["fid_inf"] = fid_infinity({int(k): v for k, v in row["fid_at"].items()})
@@ -102,9 +103,9 @@ def main() -> None:
         return row
 
     T = module.diffusion.num_timesteps
-    reference_steps = args.reference_steps or T
+    reference_steps = T if args.reference_steps is None else args.reference_steps
     if not args.skip_fid:
-        settings = [("ddpm", reference_steps, reference_steps)] + [
+        settings = [("ddpm", reference_steps, reference_steps)] * (reference_steps > 0) + [
             (sampler, nfe, min(steps_for(sampler, nfe), T)) for sampler in args.samplers.split(",") for nfe in (int(v) for v in args.nfe.split(","))
         ]  # fmt: skip
         for seed in seeds:
@@ -138,7 +139,7 @@ def main() -> None:
 
     write(results, args.out)
     print(f"wrote {args.out}")
-    if not args.skip_fid:
+    if not args.skip_fid and reference_steps > 0:
         plot(results, args.plot)
 
 
@@ -189,7 +190,8 @@ def plot(results: dict, path: str) -> None:
         ax.set_ylim(top=6 * reference)  # the few-step settings far above it (Heun at 5) would flatten the rest
         ax.set_xlabel("network evaluations per sample")
         ax.set_ylabel(f"{ylabel}, mean of {len(seeds)} draws" if len(seeds) > 1 else ylabel)
-        ax.set_title(f"samplers on digits, step {results['global_step']}")
+        schedule = f" ({results['schedule']} schedule)" if "schedule" in results else ""
+        ax.set_title(f"samplers on digits{schedule}, step {results['global_step']}")
         ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
