@@ -143,12 +143,21 @@ def test_schemas_convert_values(tmp_path: Path) -> None:
         (["schedule.name=sigmoid"], "schedule.name='sigmoid'"),
         (["hardware.precision=bf17"], "hardware.precision='bf17'"),
         (["seed=-1"], "seed=-1"),
+        (["module.lr_decay=step"], "module.lr_decay='step'"),
+        (["module.objective=score"], "module.objective='score'"),
+        (["module.timestep_sampling=beta"], "module.timestep_sampling='beta'"),
+        (["module.sigma_data=0"], "module.sigma_data=0"),
     ],
 )
 def test_check_train_names_the_key(overrides: list[str], named: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         check_train(compose_train(overrides, tmp_path))
     assert str(e.value).startswith(named + " is invalid: expected "), str(e.value)
+
+
+def test_lr_decay_without_max_steps_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="module.lr_decay=cosine decays to 0 at trainer.max_steps, which is -1"):
+        check_train(compose_train(["module.lr_decay=cosine", "trainer.max_steps=-1", "trainer.max_time=00:00:05:00"], tmp_path))
 
 
 def test_unknown_key_in_a_yaml_file_is_named_with_its_file(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from conftest import ROOT, train
 from ddpm.callbacks import EMA
+from ddpm.config import ConfigError
 from ddpm.data import digits_split
 from ddpm.module import DiffusionModule
 from ddpm.unet import UNet
@@ -174,6 +176,36 @@ def test_bf16_and_channels_last_losses_close_to_fp32(tmp_path: Path) -> None:
 
 
 # ---- activation checkpointing --------------------------------------------------------------------------
+
+
+class LrRecorder(pl.Callback):
+    """The learning rate each optimizer step ran with."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("decay", ["none", "cosine", "linear"])
+def test_learning_rate_warms_up_then_decays_to_zero_at_max_steps(tmp_path: Path, decay: str) -> None:
+    """Warm-up (k + 1) / W for k < W, then 1, half a cosine wave, or a line, reaching 0 at max_steps (the
+    last step, k = max_steps - 1, runs just above 0)."""
+    recorder, W, S = LrRecorder(), 3, 11
+    module = make_module(lr_decay=decay)
+    module.hparams.warmup_steps = W
+    fit(module, tmp_path, steps=S, callbacks=[recorder])
+    progress = [(k - W) / (S - W) for k in range(W, S)]
+    after = {"none": [1.0] * len(progress), "cosine": [(1 + math.cos(math.pi * p)) / 2 for p in progress],
+             "linear": [1 - p for p in progress]}[decay]  # fmt: skip
+    expected = [1e-3 * f for f in [(k + 1) / W for k in range(W)] + after]
+    assert recorder.lrs == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_learning_rate_decay_needs_max_steps(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="module.lr_decay=cosine decays to 0 at trainer.max_steps, which is -1"):
+        fit(make_module(lr_decay="cosine"), tmp_path, steps=-1, max_time="00:00:00:05")
 
 
 def test_activation_checkpointing_same_gradients_less_memory() -> None:

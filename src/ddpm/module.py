@@ -16,7 +16,9 @@ EMA) or `load_module(path, use_ema=...)`.
 from __future__ import annotations
 
 import inspect
+import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -30,7 +32,7 @@ from torch import Tensor
 from ddpm import GaussianDiffusion, make_betas
 from ddpm.config import ConfigError, first_line, unreadable_checkpoint
 from ddpm.guidance import ClassifierFreeGuidance
-from ddpm.schema import check_module
+from ddpm.schema import LrDecay, check_module
 
 QUARTILES = 4
 
@@ -43,6 +45,17 @@ def _seed_of(*entropy: int) -> int:
 def _is_nhwc(x: Tensor) -> bool:
     """True when x is stored channels_last (and not also plain contiguous, as with C == 1 or H * W == 1)."""
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def lr_factor(step: int, warmup: int, decay: str = "none", total: int = 0) -> float:
+    """The learning rate at optimizer step `step` (0-based) over the peak: linear warm-up over `warmup` steps, then
+    1 ("none"), or half a cosine wave / a line from 1 at the warm-up's end to 0 at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "none":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
 
 
 class DiffusionModule(LightningModule):
@@ -64,10 +77,12 @@ class DiffusionModule(LightningModule):
         cond_drop_prob: for class-conditional models (model.num_classes), the probability that a label is
             replaced by the null label in training, so classifier-free guidance can sample (Ho & Salimans 2022).
         optimizer: "adam" (the paper) or "adamw".
-        lr: peak learning rate, reached after `warmup_steps` linear steps and then held.
+        lr: peak learning rate, reached after `warmup_steps` linear steps, then held (`lr_decay` "none") or
+            decayed to 0 at the trainer's `max_steps` ("cosine": half a cosine wave; "linear").
         betas: Adam's (beta1, beta2).
         weight_decay: decoupled for AdamW, L2 for Adam.
         warmup_steps: linear learning-rate warm-up length in optimizer steps (0: none).
+        lr_decay: "none", "cosine" or "linear" decay after the warm-up, to 0 at trainer.max_steps (which must be set).
         sample_every_n_steps: draw a grid every this many optimizer steps and at the end (0: never); done by
             ddpm.sample_callbacks.SampleGrid, as are the other sample_* settings.
         sample_n: images in the grid.
@@ -107,6 +122,7 @@ class DiffusionModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         warmup_steps: int = 5000,
+        lr_decay: LrDecay = "none",
         sample_every_n_steps: int = 1000,
         sample_n: int = 64,
         sample_sampler: str = "ddim",
@@ -294,9 +310,18 @@ class DiffusionModule(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         opt = self._make_optimizer()
-        warmup = max(hp.warmup_steps, 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=hp.warmup_steps, decay=hp.lr_decay, total=self._decay_steps()))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
+
+    def _decay_steps(self) -> int:
+        """The optimizer step at which `lr_decay` reaches 0: the trainer's max_steps."""
+        if self.hparams.lr_decay == "none":
+            return 0
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps < 1:
+            raise ConfigError(f"module.lr_decay={self.hparams.lr_decay} decays to 0 at trainer.max_steps, which is {max_steps}; "
+                              "set trainer.max_steps=<steps>, or module.lr_decay=none for a max_time budget")  # fmt: skip
+        return max_steps
 
     # ---- sampling and likelihood ---------------------------------------------------------------------
 

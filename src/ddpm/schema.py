@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, get_args
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
@@ -133,6 +133,9 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+LrDecay = Literal["none", "cosine", "linear"]  # DiffusionModule's lr_decay
+
+
 def check_module(args: Mapping[str, Any]) -> None:
     """The DiffusionModule arguments (ddpm.module) that a config sets, by their config keys (`module.lr`, ...).
 
@@ -161,6 +164,7 @@ def check_module(args: Mapping[str, Any]) -> None:
         "betas": (lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
         "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
         "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "lr_decay": (lambda v: v in get_args(LrDecay), " or ".join(get_args(LrDecay))),
         "sample_every_n_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
         "sample_n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
         "sample_sampler": (lambda v: v in SAMPLERS, " or ".join(sorted(SAMPLERS))),
@@ -294,6 +298,9 @@ def check_train(cfg: DictConfig) -> None:
     model = cfg.model if _origin(cfg.module, "unet", "") == "model" else cfg.module.unet
     check_model(model, _origin(model, "image_size", "model.image_size"), _origin(model, "in_channels", "model.in_channels"))
     check_trainer(cfg.trainer, _origin(cfg.trainer, "precision", "trainer.precision"))
+    if cfg.module.get("lr_decay", "none") != "none" and not (_is_int(cfg.trainer.max_steps) and cfg.trainer.max_steps >= 1):
+        raise ConfigError(f"module.lr_decay={cfg.module.lr_decay} decays to 0 at trainer.max_steps, which is {cfg.trainer.max_steps}; "
+                          "set trainer.max_steps=<steps>, or module.lr_decay=none for a max_time budget")  # fmt: skip
 
 
 def check_train_run(cfg: DictConfig) -> None:
