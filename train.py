@@ -83,6 +83,15 @@ def train(cfg: DictConfig) -> float | None:
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]  # write-then-rename
     )
+    if isinstance(trainer.accelerator, pl.accelerators.CPUAccelerator):
+        import torch
+
+        from ddpm.hardware import cpu_threads
+
+        threads, why = cpu_threads(cfg.threads, module.unet.image_size)
+        torch.set_num_threads(threads)
+        if trainer.is_global_zero:
+            print(f"cpu threads: {threads} ({why}; threads=N sets it)")
     # the module and data log their own hparams; add the rest of the run's choices
     resolved = OmegaConf.to_container(cfg, resolve=True)
     choices = {key: resolved[key] for key in ("seed", "name", "hardware", "trainer", "callbacks")}

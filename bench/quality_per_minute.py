@@ -2,6 +2,7 @@
 
     python bench/quality_per_minute.py --minutes 1,2,5 --levers default,bf16,v,edm,lognormal,diffusers --jobs 2
     python bench/quality_per_minute.py --skip-training --levers default,v   # score the runs of an earlier call
+    python bench/quality_per_minute.py --minutes 5 --levers default --lever fast module.lr_decay=cosine trainer.max_steps=1000
 
 Each lever is the digits demo config (`python train.py`, `--base` overrides, then the lever's own) trained for the
 largest of `--minutes` on `--threads` threads, `--jobs` runs at a time (so every run gets the same share of
@@ -130,7 +131,7 @@ def sample_ours(path: Path, n: int, nfe: int, sampler: str, seed: int, batch_siz
 # ---- the benchmark ------------------------------------------------------------------------------------
 
 
-def train_all(levers: list[str], minutes: int, out_dir: Path, base: list[str], jobs: int, threads: int) -> None:
+def train_all(levers: list[str], minutes: int, out_dir: Path, base: list[str], jobs: int, threads: int, custom: dict[str, list[str]]) -> None:
     """Train every lever, `jobs` at a time, each on `threads` threads."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     commands = []
@@ -140,11 +141,15 @@ def train_all(levers: list[str], minutes: int, out_dir: Path, base: list[str], j
             cmd = [sys.executable, __file__, "--diffusers-worker", str(run_dir), "--minutes", str(minutes)]
             commands.append(cmd + (["--bf16-worker"] if lever == "diffusers_bf16" else []))
         else:
-            commands.append(train_command(run_dir, minutes, [*base, *LEVERS[lever], "logger=csv", "module.sample_every_n_steps=0"]))
+            overrides = [*base, *LEVERS.get(lever, []), *custom.get(lever, []), "logger=csv", "module.sample_every_n_steps=0"]
+            cmd = train_command(run_dir, minutes, overrides)
+            if any(o.startswith("trainer.max_steps=") for o in overrides):  # a step budget too: whichever ends first
+                cmd.remove("trainer.max_steps=-1")
+            commands.append(cmd)
     running: list[subprocess.Popen] = []
     for cmd in commands:
         while len(running) >= jobs:
-            running = [p for p in running if p.poll() is None] or running
+            running = [p for p in running if p.poll() is None]
             time.sleep(1)
         print(" ".join(cmd), flush=True)
         running.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
@@ -152,10 +157,19 @@ def train_all(levers: list[str], minutes: int, out_dir: Path, base: list[str], j
         p.wait()
 
 
-def snapshots(lever: str, run_dir: Path) -> list[Path]:
+def snapshots(lever: str, run_dir: Path, minutes: list[int]) -> dict[float, Path]:
+    """{training minutes: snapshot} at each of `minutes` that the run reached, and, for a run that a step budget
+    ended early, its last checkpoint at the minutes it trained (Lightning's Timer state)."""
     if lever in DIFFUSERS:
-        return sorted(run_dir.glob("minute_*.pt"))
-    return [p for p in timed_checkpoints(run_dir) if p.exists()]
+        found = sorted(run_dir.glob("minute_*.pt"))
+        return {m: found[m - 1] for m in minutes if m <= len(found)}
+    timed = [p for p in timed_checkpoints(run_dir) if p.exists()]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    elapsed = torch.load(last, map_location="cpu", weights_only=False)["callbacks"]["Timer"]["time_elapsed"]["train"] / 60
+    found = {m: timed[m - 1] for m in minutes if m <= len(timed) and m <= elapsed + 0.05}
+    if elapsed < minutes[-1] - 0.05:
+        found[round(elapsed, 2)] = last
+    return found
 
 
 def main() -> None:
@@ -163,6 +177,9 @@ def main() -> None:
     p.add_argument("--minutes", default="1,2,5")
     p.add_argument("--levers", default="default,bf16,v,edm,lognormal,min_snr5,diffusers,diffusers_bf16")
     p.add_argument("--base", nargs="*", default=[], help="train.py overrides under every lever of ours")
+    p.add_argument("--lever", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
+                   help="a lever of your own: a name and its train.py overrides (repeatable); a trainer.max_steps=N among them "
+                        "ends the run at N steps or the time budget, whichever comes first")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--threads", type=int, default=1, help="threads of each training run")
     p.add_argument("--n", type=int, default=2000, help="samples per score")
@@ -171,7 +188,8 @@ def main() -> None:
     p.add_argument("--sampler", default="dpmsolver++", help="our sampler (at its default spacing)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--bf16-sampling", action="store_true", help="sample ours and theirs under bf16 autocast (faster on a bf16 CPU)")
-    p.add_argument("--out-dir", default="outputs/bench/quality_per_minute")
+    p.add_argument("--out-dir", default="outputs/bench/quality_per_minute", help="the runs")
+    p.add_argument("--out", default=None, help="the JSON of the scores (default: <out-dir>/results.json)")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--diffusers-worker", metavar="RUN_DIR", help=argparse.SUPPRESS)
     p.add_argument("--bf16-worker", action="store_true", help=argparse.SUPPRESS)
@@ -180,28 +198,25 @@ def main() -> None:
     if args.diffusers_worker:
         train_diffusers(Path(args.diffusers_worker), minutes[-1], args.bf16_worker)
         return
-    levers = args.levers.split(",")
-    unknown = [lever for lever in levers if lever not in LEVERS and lever not in DIFFUSERS]
+    custom = {name: overrides for name, *overrides in args.lever}
+    levers = [*(args.levers.split(",") if args.levers else []), *custom]
+    unknown = [lever for lever in levers if lever not in LEVERS and lever not in DIFFUSERS and lever not in custom]
     if unknown:
         raise SystemExit(f"unknown lever {unknown[0]!r}; known: {', '.join([*LEVERS, *DIFFUSERS])}")
     out_dir = Path(args.out_dir)
     if not args.skip_training:
-        train_all(levers, minutes[-1], out_dir, args.base, args.jobs, args.threads)
+        train_all(levers, minutes[-1], out_dir, args.base, args.jobs, args.threads, custom)
     fid_at = sorted({int(k) for k in args.fid_at.split(",") if k} | {args.n}) if args.fid_at else [args.n]
     evaluator = SampleEvaluator(digits_split("val")[0], floor_real=digits_split("train")[0], metrics=("fid",))
     rows = []
     for lever in levers:
-        found = snapshots(lever, out_dir / lever)
-        for minute in minutes:
-            if minute > len(found):
-                print(f"{lever}: no snapshot for minute {minute} ({len(found)} written)")
-                continue
+        for minute, path in sorted(snapshots(lever, out_dir / lever, minutes).items()):
             for nfe in (int(v) for v in args.nfe.split(",")):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16_sampling):
                     if lever in DIFFUSERS:
-                        x, step = sample_diffusers(found[minute - 1], args.n, nfe, 0, args.batch_size)
+                        x, step = sample_diffusers(path, args.n, nfe, 0, args.batch_size)
                     else:
-                        x, step = sample_ours(found[minute - 1], args.n, nfe, args.sampler, 0, args.batch_size)
+                        x, step = sample_ours(path, args.n, nfe, args.sampler, 0, args.batch_size)
                 scores = {k: evaluator(x[:k].float()) for k in fid_at}
                 row = {"lever": lever, "minutes": minute, "step": step, "nfe": nfe, "n": args.n,
                        "fid": scores[args.n]["fid"], "fid_floor": scores[args.n]["fid_floor"]}  # fmt: skip
@@ -210,9 +225,9 @@ def main() -> None:
                     row["fid_inf"] = fid_infinity({k: s["fid"] for k, s in scores.items()})
                 rows.append(row)
                 extra = f"  FID_inf {row['fid_inf']:6.2f}" if "fid_inf" in row else ""
-                print(f"{lever:15s} {minute:3d} min  step {step:5d}  NFE {nfe:3d}:  FID {row['fid']:6.2f} / floor "
+                print(f"{lever:15s} {minute:5.2f} min  step {step:5d}  NFE {nfe:3d}:  FID {row['fid']:6.2f} / floor "
                       f"{row['fid_floor']:5.2f} = {row['ratio']:4.2f}x{extra}", flush=True)  # fmt: skip
-    out = out_dir / "results.json"
+    out = Path(args.out) if args.out else out_dir / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print(f"wrote {out}")

@@ -144,6 +144,7 @@ def test_schemas_convert_values(tmp_path: Path) -> None:
         (["hardware.precision=bf17"], "hardware.precision='bf17'"),
         (["seed=-1"], "seed=-1"),
         (["module.lr_decay=step"], "module.lr_decay='step'"),
+        (["threads=0"], "threads=0"),
         (["module.objective=score"], "module.objective='score'"),
         (["module.timestep_sampling=beta"], "module.timestep_sampling='beta'"),
         (["module.sigma_data=0"], "module.sigma_data=0"),

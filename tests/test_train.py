@@ -47,8 +47,9 @@ def check_run(run_dir: Path, steps: int = 8) -> dict:
 def test_train_writes_run_dir(schedule: str, trained_run: Path, tmp_path: Path) -> None:
     run_dir = trained_run if schedule == "linear" else tmp_path / "run"
     if schedule != "linear":
-        out = train(run_dir, f"schedule={schedule}").stdout
+        out = train(run_dir, f"schedule={schedule}", "threads=auto").stdout
         assert f"run dir: {run_dir}" in out and "last sample grid:" in out
+        assert "cpu threads: 1 (threads=auto, OMP_NUM_THREADS=1; threads=N sets it)" in out  # the tests' environment
     ckpt = check_run(run_dir)
     assert ckpt["hyper_parameters"]["schedule"] == schedule
     m = metrics(run_dir)

@@ -289,6 +289,8 @@ def check_train(cfg: DictConfig) -> None:
     _check_required(cfg, {"data.root": "data.root=PATH, the folder of images (or of cifar-10-batches-py)"})
     check("seed", cfg.seed, lambda: _is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "an integer in [0, 2**32)")
     check("resume", cfg.resume, isinstance(cfg.resume, bool), "true or false")
+    threads = cfg.get("threads", "auto")
+    check("threads", threads, threads == "auto" or (_is_int(threads) and threads >= 1), "auto or an integer >= 1")
     for key in ("name", "ckpt_path"):
         check(key, cfg[key], cfg[key] is None or isinstance(cfg[key], str), "null or a string")
     if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().exists():  # which checkpoint in it: train.py decides
