@@ -76,6 +76,7 @@ def test_ddpm_cifar10_is_the_papers_model(tmp_path: Path) -> None:
     cfg = compose_train(["experiment=cifar10_ddpm"], tmp_path)
     assert (cfg.data.dataset, cfg.data.resolution, cfg.data.batch_size) == ("cifar10", 32, 128)
     assert (cfg.module.lr, cfg.module.warmup_steps, cfg.trainer.max_steps) == (2e-4, 5000, 800_000)
+    assert (cfg.module.timestep_sampling, cfg.module.lr_decay, cfg.module.objective) == ("uniform", "none", "eps")
     assert cfg.trainer.gradient_clip_val == 1.0 and cfg.callbacks.ema.decay == 0.9999
     module = hydra.utils.instantiate(cfg.module)
     n = module.unet.num_params()

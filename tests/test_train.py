@@ -38,24 +38,26 @@ def check_run(run_dir: Path, steps: int = 8) -> dict:
     assert ckpt["global_step"] == steps
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png"))[-1] == f"step_{steps:06d}.png"
     m = metrics(run_dir)
-    for key in ("train/loss", "val/loss", "train/loss_q1", "train/loss_q4", "lr"):
+    for key in ("train/loss", "val/loss", "train/loss_q1", "lr"):
         assert m.get(key) and all(math.isfinite(v) for v in m[key]), key
+    # a later quarter of [0, T) is logged when training drew a t in it (log-normal t rarely reaches the last)
+    assert all(math.isfinite(v) for q in (2, 3, 4) for v in m.get(f"train/loss_q{q}", [])), m.keys()
     return ckpt
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_train_writes_run_dir(schedule: str, trained_run: Path, tmp_path: Path) -> None:
     run_dir = trained_run if schedule == "linear" else tmp_path / "run"
-    if schedule != "linear":
-        out = train(run_dir, f"schedule={schedule}", "threads=auto").stdout
+    if schedule != "linear":  # uniform t: every quarter of [0, T) is trained and logged
+        out = train(run_dir, f"schedule={schedule}", "threads=auto", "module.timestep_sampling=uniform").stdout
         assert f"run dir: {run_dir}" in out and "last sample grid:" in out
         assert "cpu threads: 1 (threads=auto, OMP_NUM_THREADS=1; threads=N sets it)" in out  # the tests' environment
     ckpt = check_run(run_dir)
     assert ckpt["hyper_parameters"]["schedule"] == schedule
     m = metrics(run_dir)
     assert m["train/loss"][-1] < m["train/loss"][0]  # 8 steps at lr 1e-3 already lower the loss
-    # loss is largest where x_t is least noisy for eps-prediction: q1 (small t) above q4
-    assert m["train/loss_q1"][-1] > m["train/loss_q4"][-1]
+    if schedule != "linear":  # loss is largest where x_t is least noisy for eps-prediction: q1 (small t) above q4
+        assert m["train/loss_q1"][-1] > m["train/loss_q4"][-1]
 
 
 def test_ema_weights(ckpt: Path, trained_run: Path) -> None:

@@ -262,10 +262,13 @@ class DiffusionModule(LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """Log train/loss_q1..q4, the epoch's mean loss for t in each quarter of [0, T) (q1: least noise)."""
-        means = self._q_sum / self._q_count.clamp(min=1)
+        """Log train/loss_q1..q4, the epoch's mean loss for t in each quarter of [0, T) (q1: least noise), summed over
+        ranks; a quarter that no training t fell in (rare under timestep_sampling=lognormal) is not logged."""
+        sums = self.trainer.strategy.reduce(self._q_sum.clone(), reduce_op="sum")
+        counts = self.trainer.strategy.reduce(self._q_count.clone(), reduce_op="sum")
         for i in range(QUARTILES):
-            self.log(f"train/loss_q{i + 1}", means[i], sync_dist=True)
+            if counts[i] > 0:
+                self.log(f"train/loss_q{i + 1}", sums[i] / counts[i])
         self._q_sum.zero_()
         self._q_count.zero_()
 
