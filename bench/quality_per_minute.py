@@ -35,9 +35,11 @@ from quality_vs_time import timed_checkpoints, train_command
 LEVERS: dict[str, list[str]] = {
     "default": [],
     "bf16": ["hardware=bf16"],
+    "linear": ["schedule=linear"],
     "cosine": ["schedule=cosine"],
     "v": ["module.objective=v"],
     "edm": ["module.objective=edm"],
+    "uniform": ["module.timestep_sampling=uniform"],
     "lognormal": ["module.timestep_sampling=lognormal"],
     "min_snr5": ["module.min_snr_gamma=5"],
     "lr2e-3": ["module.lr=2e-3"],
