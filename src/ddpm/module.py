@@ -30,9 +30,10 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
 from ddpm import GaussianDiffusion, make_betas
+from ddpm.diffusion import Objective, TimestepSampling
 from ddpm.config import ConfigError, first_line, unreadable_checkpoint
 from ddpm.guidance import ClassifierFreeGuidance
-from ddpm.schema import LrDecay, check_module
+from ddpm.schema import LrDecay, check_lr_decay, check_module
 
 QUARTILES = 4
 
@@ -108,12 +109,12 @@ class DiffusionModule(LightningModule):
         unet: dict[str, Any],
         schedule: str = "linear",
         timesteps: int = 1000,
-        objective: Literal["eps", "x0", "v", "edm"] = "eps",
+        objective: Objective = "eps",
         variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small",
         min_snr_gamma: float | None = None,
         vlb_weight: float = 0.001,
         sigma_data: float = 0.5,
-        timestep_sampling: Literal["uniform", "lognormal"] = "uniform",
+        timestep_sampling: TimestepSampling = "uniform",
         lognormal_mean: float = -1.2,
         lognormal_std: float = 1.2,
         cond_drop_prob: float = 0.0,
@@ -318,12 +319,8 @@ class DiffusionModule(LightningModule):
 
     def _decay_steps(self) -> int:
         """The optimizer step at which `lr_decay` reaches 0: the trainer's max_steps."""
-        if self.hparams.lr_decay == "none":
-            return 0
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
-        if max_steps is None or max_steps < 1:
-            raise ConfigError(f"module.lr_decay={self.hparams.lr_decay} decays to 0 at trainer.max_steps, which is {max_steps}; "
-                              "set trainer.max_steps=<steps>, or module.lr_decay=none for a max_time budget")  # fmt: skip
+        check_lr_decay(self.hparams.lr_decay, max_steps)
         return max_steps
 
     # ---- sampling and likelihood ---------------------------------------------------------------------

@@ -300,8 +300,13 @@ def check_train(cfg: DictConfig) -> None:
     model = cfg.model if _origin(cfg.module, "unet", "") == "model" else cfg.module.unet
     check_model(model, _origin(model, "image_size", "model.image_size"), _origin(model, "in_channels", "model.in_channels"))
     check_trainer(cfg.trainer, _origin(cfg.trainer, "precision", "trainer.precision"))
-    if cfg.module.get("lr_decay", "none") != "none" and not (_is_int(cfg.trainer.max_steps) and cfg.trainer.max_steps >= 1):
-        raise ConfigError(f"module.lr_decay={cfg.module.lr_decay} decays to 0 at trainer.max_steps, which is {cfg.trainer.max_steps}; "
+    check_lr_decay(cfg.module.get("lr_decay", "none"), cfg.trainer.max_steps)
+
+
+def check_lr_decay(decay: str, max_steps: Any) -> None:
+    """A decaying learning rate needs the step it reaches 0 at: trainer.max_steps."""
+    if decay != "none" and not (_is_int(max_steps) and max_steps >= 1):
+        raise ConfigError(f"module.lr_decay={decay} decays to 0 at trainer.max_steps, which is {max_steps}; "
                           "set trainer.max_steps=<steps>, or module.lr_decay=none for a max_time budget")  # fmt: skip
 
 
