@@ -19,7 +19,7 @@ import signal
 import sys
 
 # Threads that wait by sleeping, not spinning: on a shared CPU, torch's default spin-waiting OpenMP threads
-# made small-batch CPU training 25x slower whenever another process was busy (docs/benchmarks.md).
+# hold cores another process needs, and small-batch CPU training slows by an order of magnitude (docs/benchmarks.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path
@@ -29,7 +29,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.config import ConfigError, clean_errors, run_cli
+from ddpm.config import clean_errors, run_cli
+from ddpm.errors import ConfigError
 
 EXIT_NONFINITE = 3
 
@@ -46,7 +47,7 @@ def train(cfg: DictConfig) -> float | None:
         if "SlurmLauncher" not in str(HydraConfig.get().launcher.get("_target_")):
             raise ConfigError("hardware.strategy=ddp in a -m sweep re-runs the sweep per rank; use hardware.strategy=ddp_spawn, "
                               "one device, or hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=<devices>")  # fmt: skip
-    from ddpm.callbacks import NonFiniteError
+    from ddpm.callbacks import CompileTime, NonFiniteError
     from ddpm.checkpoints import AtomicCheckpointIO, resume_checkpoint
     from ddpm.sample_callbacks import SampleGrid, check_monitored_checkpoints
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -61,8 +62,6 @@ def train(cfg: DictConfig) -> float | None:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
-    if cfg.compile:
-        module.compile_unet(**OmegaConf.to_container(cfg.compile_options))
     datamodule.setup("fit")  # fail on missing data before the trainer starts
     if module.hparams.eval_every_n_steps and any(m != "bpd" for m in module.hparams.eval_metrics):
         from ddpm.evaluation import check_extractor
@@ -72,6 +71,9 @@ def train(cfg: DictConfig) -> float | None:
     named = {name: hydra.utils.instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
     check_monitored_checkpoints(named)  # a checkpoint ranked by val/fid needs evaluation on its save steps
     callbacks = list(named.values())
+    if cfg.compile:
+        module.compile_unet(**OmegaConf.to_container(cfg.compile_options))
+        callbacks.append(CompileTime())
     loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") and cfg.logger.get("_target_") else []
     if not loggers:  # logger=none: nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]

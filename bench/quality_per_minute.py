@@ -29,7 +29,7 @@ import torch
 
 from ddpm.data import digits_split
 from ddpm.metrics import SampleEvaluator, fid_infinity
-from ddpm.module import load_module
+from ddpm.checkpoints import load_module
 from quality_vs_time import timed_checkpoints, train_command
 
 LEVERS: dict[str, list[str]] = {

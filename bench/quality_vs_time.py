@@ -22,7 +22,7 @@ import torch
 
 from ddpm.data import digits_split
 from ddpm.metrics import SampleEvaluator, heldout_bits_per_dim
-from ddpm.module import load_module
+from ddpm.checkpoints import load_module
 
 SAMPLERS = [("ddpm", None), ("ddim", 50), ("ddim", 20)]
 

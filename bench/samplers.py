@@ -31,7 +31,7 @@ from ddpm.config import resolve_ckpt
 from ddpm.data import digits_split
 from ddpm.digits_classifier import load_digits_classifier
 from ddpm.metrics import SampleEvaluator, fid_infinity
-from ddpm.module import load_module
+from ddpm.checkpoints import load_module
 from ddpm.samplers import SDE_S_TMAX
 
 

@@ -12,7 +12,8 @@ from omegaconf import DictConfig, open_dict
 from ddpm.config import user_error_message  # importing ddpm.config registers the ${or:...} resolver and the schemas
 from conftest import ROOT
 from ddpm.module import DiffusionModule
-from ddpm.schema import ConfigError, check_train
+from ddpm.errors import ConfigError
+from ddpm.schema import check_train
 
 CONF = ROOT / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in sorted(CONF.iterdir()) if g.is_dir()}

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.config import ConfigError
-from ddpm.data import CIFAR10_FILES, DataError, ImageDataModule, digits_split, load_image, make_grid
+from ddpm.errors import ConfigError
+from ddpm.data import CIFAR10_FILES, DataError, ImageDataModule, digits_split, load_image
+from ddpm.images import make_grid
 
 
 def batch(dm: ImageDataModule, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:

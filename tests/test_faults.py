@@ -19,7 +19,7 @@ import torch
 
 from conftest import FAST, ROOT, _env, train
 from ddpm.checkpoints import AtomicCheckpointIO, newest_valid_checkpoint, resume_checkpoint
-from ddpm.config import ConfigError
+from ddpm.errors import ConfigError
 from ddpm.runlock import LOCK_NAME
 
 EVERY = 4  # callbacks.checkpoint.every_n_train_steps in conf/debug/fast.yaml

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from conftest import ROOT, train
 from ddpm.callbacks import EMA
-from ddpm.config import ConfigError
+from ddpm.errors import ConfigError
 from ddpm.data import digits_split
 from ddpm.module import DiffusionModule
 from ddpm.unet import UNet

@@ -12,8 +12,9 @@ from PIL import Image
 
 from conftest import ROOT, run_script, train
 from ddpm.callbacks import EMA
-from ddpm.data import make_grid
-from ddpm.module import DiffusionModule, load_module
+from ddpm.images import make_grid
+from ddpm.checkpoints import load_module
+from ddpm.module import DiffusionModule
 
 
 def metrics(run_dir: Path) -> dict[str, list[float]]:
@@ -194,7 +195,7 @@ def test_monitored_val_fid_without_evaluation_is_one_line(tmp_path: Path) -> Non
     line (train.py), or when the trainer is set up (Evaluation.setup) for checkpoints saving between evaluations."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ddpm.config import ConfigError
+    from ddpm.errors import ConfigError
     from ddpm.sample_callbacks import Evaluation, check_monitored_checkpoints
 
     proc = train(tmp_path / "run", "callbacks=best_fid", check=False)

@@ -7,19 +7,21 @@ buffers, and the averaged copy keeps them in sync with the live model instead of
 What `WeightAveraging` does with checkpoints (lightning/pytorch/callbacks/weight_averaging.py): it
 writes the EMA weights to `state_dict` and the live weights to `current_model_state` (plus
 `averaging_state`), and on resume restores both. So `DiffusionModule.load_from_checkpoint` gives the
-EMA model, and `load_module(path, use_ema=False)` (ddpm.module) the live one.
+EMA model, and `load_module(path, use_ema=False)` (ddpm.checkpoints) the live one.
 
 Faults (docs/reliability.md): `Checkpoint` also saves when Lightning stops on
 SIGTERM (its signal connector raises `SIGTERMException` at the end of the current step) and turns the
 first Ctrl-C into the same stop; `NonFiniteGuard` stops training at a non-finite loss and refuses to save
 a checkpoint whose state is not finite, so the last good checkpoint stays.
 
-Sample grids and evaluation during training, which draw from `ema_module`, are callbacks too: ddpm.sample_callbacks.
+`CompileTime` reports what torch.compile cost (train.py compile=true). Sample grids and evaluation during
+training, which draw from `ema_module`, are callbacks too: ddpm.sample_callbacks.
 """
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, Iterator
@@ -31,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ddpm.checkpoints import checkpoint_problem
-from ddpm.config import ConfigError
+from ddpm.errors import ConfigError
 
 
 class EMA(WeightAveraging):
@@ -251,3 +253,29 @@ class NonFiniteGuard(Callback):
         first = int(steps.argmin())
         if int(steps[first]) != NONE:
             raise NonFiniteError(f"non-finite loss ({float(losses[first])}) at step {int(steps[first])}")
+
+
+class CompileTime(Callback):
+    """What torch.compile cost (DiffusionModule.compile_unet compiles in the first training step): the first step's
+    wall time minus the second's, printed once by rank 0 and logged as `perf/compile_s`; kept in `seconds`."""
+
+    def __init__(self) -> None:
+        self._steps: list[float] = []
+        self._start = 0.0
+        self.seconds: float | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if len(self._steps) >= 2:
+            return
+        self._steps.append(time.perf_counter() - self._start)
+        if len(self._steps) < 2:
+            return
+        first, second = self._steps
+        self.seconds = max(first - second, 0.0)
+        if trainer.is_global_zero:
+            print(f"torch.compile: {self.seconds:.1f} s (first training step {first:.1f} s, second {second:.3f} s)")
+            for logger in trainer.loggers:
+                logger.log_metrics({"perf/compile_s": self.seconds}, step=trainer.global_step)

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
-from ddpm.config import LAST, ConfigError, unreadable_checkpoint
+from ddpm.config import LAST, unreadable_checkpoint
+from ddpm.errors import ConfigError, first_line
+from ddpm.module import DiffusionModule
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +112,46 @@ def resume_checkpoint(source: str | os.PathLike, key: str, hint: str = "") -> Pa
     if path is None:
         raise ConfigError(f"{key}: no readable checkpoint in {ckpt_dir}{hint}")
     return path
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What `load_module` returns: the module (eval mode), whether it holds EMA weights, the training step."""
+
+    module: DiffusionModule
+    ema: bool
+    global_step: int
+
+
+def load_module(path: str | Path, use_ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild a DiffusionModule from a checkpoint file alone, with its EMA weights or (use_ema=False) the live ones.
+
+    With EMA (`WeightAveraging`), the checkpoint's `state_dict` holds the EMA weights and
+    `current_model_state` the live ones. A checkpoint without EMA has only the live weights; then
+    `use_ema=True` falls back to them (the second value says so).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt={path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or pickled objects that weights_only refuses
+        reason = unreadable_checkpoint(path) or f"{type(e).__name__}: {first_line(e)}"
+        raise ConfigError(f"ckpt={path}: not a readable checkpoint ({reason})") from e
+    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(f"ckpt={path}: not a DiffusionModule checkpoint (no hyper_parameters/state_dict)")
+    hparams = ckpt["hyper_parameters"]
+    try:
+        module = DiffusionModule(**hparams)
+    except (TypeError, ValueError) as e:  # an argument this version lacks or needs, or a value it refuses
+        params = inspect.signature(DiffusionModule).parameters
+        unknown = sorted(set(hparams) - set(params)) if isinstance(hparams, dict) else []
+        needed = sorted(n for n, p in params.items() if p.default is p.empty and n not in (hparams if isinstance(hparams, dict) else {}))
+        detail = f"unknown hyperparameter(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(needed)}" if needed else first_line(e)
+        raise ConfigError(f"ckpt={path}: made by an incompatible version of ddpm ({detail}); sample it with that version") from e
+    has_ema = "current_model_state" in ckpt
+    state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"ckpt={path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    module.to(map_location).eval()
+    return LoadedCheckpoint(module, use_ema and has_ema, int(ckpt.get("global_step", 0)))

@@ -1,4 +1,4 @@
-"""Config plumbing for the Hydra entry points: resolvers, checkpoint paths, and one-line errors.
+"""Config plumbing for the Hydra entry points: resolvers, checkpoint paths, the Validate callback, one-line errors.
 
 Importing this module registers the OmegaConf resolvers the YAML files use and the config schemas
 (ddpm.schema):
@@ -8,6 +8,9 @@ A bad value or a missing file ends the process with one line on stderr (`error: 
 status 2 instead of a traceback: `run_cli(main)` does it for what Hydra raises while composing (an unknown
 option or key, a wrong type) and for the ddpm.schema checks; `clean_errors()` for what the task raises (data,
 checkpoints) and removes the run dir it leaves empty. Set HYDRA_FULL_ERROR=1 to see the traceback.
+
+`Validate`, the Hydra callback named in conf/train.yaml and conf/sample.yaml, runs those checks (and, for
+train.py, locks the run dir) before Hydra writes anything.
 """
 from __future__ import annotations
 
@@ -21,10 +24,15 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from ddpm.schema import ConfigError
+from ddpm import runlock
+from ddpm.errors import ConfigError, first_line
+from ddpm.schema import check_sample, check_train
 
 OmegaConf.register_new_resolver("or", lambda a, b: b if a in (None, "") else a, replace=True)
 
@@ -59,11 +67,6 @@ def unreadable_checkpoint(path: Path) -> str | None:
     if head[:1] == b"\x80":
         return None
     return "not a PyTorch file; train.py writes checkpoints/last.ckpt and step_*.ckpt"
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, whitespace collapsed (its type name when the message is empty)."""
-    return " ".join(str(e).strip().split("\n")[0].split()) or type(e).__name__
 
 
 _TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "bool": "true or false", "String": "a string"}
@@ -176,16 +179,12 @@ def remove_if_empty_run(run_dir: Path) -> None:
     `<date>` folder when it is empty; never a folder of the user's, nor a run dir another live process locks (a run
     refused because the dir is in use never gets here).
     """
-    from hydra.core.hydra_config import HydraConfig
-
-    from ddpm.runlock import LOCK_NAME, held_by_another
-
     job = HydraConfig.get().job.name if HydraConfig.initialized() else None
-    if not run_dir.is_dir() or not _holds_only(run_dir, {".hydra", f"{job}.log", LOCK_NAME}) or held_by_another(run_dir):
+    if not run_dir.is_dir() or not _holds_only(run_dir, {".hydra", f"{job}.log", runlock.LOCK_NAME}) or runlock.held_by_another(run_dir):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     parent = run_dir.parent
-    if (parent / "multirun.yaml").is_file() and _holds_only(parent, {"multirun.yaml", LOCK_NAME}):
+    if (parent / "multirun.yaml").is_file() and _holds_only(parent, {"multirun.yaml", runlock.LOCK_NAME}):
         shutil.rmtree(parent, ignore_errors=True)
         parent = parent.parent
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", parent.name):  # outputs/runs/<date>, when this was its only run
@@ -237,3 +236,71 @@ def clean_errors(run_dir: str | os.PathLike | None = None) -> Iterator[None]:
             remove_if_empty_run(Path(run_dir))
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_train_run(cfg: DictConfig) -> None:
+    """check_train, then whether the data's files are where data.root says (their content is read at setup)."""
+    check_train(cfg)
+    if cfg.data.get("dataset") in ("folder", "cifar10"):
+        from ddpm.data import check_data_source  # here, not above: Lightning loads only for a run that needs it
+
+        check_data_source(cfg.data.dataset, cfg.data.get("root"))
+
+
+def check_sample_run(cfg: DictConfig) -> None:
+    """check_sample, then whether `ckpt` names a checkpoint file (or a run dir with one) that is not cut short."""
+    check_sample(cfg)
+    reason = unreadable_checkpoint(resolve_ckpt(cfg.ckpt, key="ckpt"))
+    if reason:
+        raise ConfigError(f"ckpt={cfg.ckpt}: not a readable checkpoint ({reason})")
+
+
+class Validate(Callback):
+    """Hydra callback: check the composed config before Hydra writes anything (`hydra.callbacks.validate` in the YAML).
+
+    A single run is checked before its run dir exists; each job of a sweep (`-m module.lr=1e-3,-1`) before it runs,
+    and the job dir Hydra made for it is removed. Hydra turns an exception raised by a callback into a warning
+    and carries on, so a bad value ends the process here (clean_errors: one line, exit status 2).
+    `check`: "train" or "sample".
+
+    For train.py it also locks the run dir (ddpm.runlock) before Hydra writes into it: a second run aimed at a dir
+    in use is refused in one line. A sweep locks its sweep dir at the start and each job its own job dir.
+    """
+
+    def __init__(self, check: str) -> None:
+        self.check = {"train": check_train_run, "sample": check_sample_run}[check]
+        self.lock = check == "train"
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with clean_errors():
+            self.check(config)
+            if self.lock:  # a refusal writes nothing and removes nothing: the dir is another run's
+                resume = bool(config.get("resume"))
+                runlock.check_free(config.hydra.run.dir, resume=resume)
+                runlock.acquire(config.hydra.run.dir, resume=resume)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock:
+            runlock.release(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock:
+            with clean_errors():
+                runlock.check_free(config.hydra.sweep.dir, below=True, sweep=True)
+                runlock.acquire(config.hydra.sweep.dir, sweep=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock:
+            runlock.release(config.hydra.sweep.dir)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            if self.lock:  # each job locks its own dir (the sweep dir above is this sweep's), first: a refusal removes nothing
+                with clean_errors():
+                    runlock.acquire(config.hydra.runtime.output_dir, resume=bool(config.get("resume")))
+            with clean_errors(run_dir=config.hydra.runtime.output_dir):
+                self.check(config)
+
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock and config.hydra.mode == RunMode.MULTIRUN:
+            runlock.release(config.hydra.runtime.output_dir)

@@ -7,16 +7,17 @@ Used by sample.py (`metrics=[fid,kid,bpd]`) and by the Evaluation callback durin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, get_args
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ddpm.config import ConfigError
-from ddpm.metrics import MetricsSetupError, SampleEvaluator, build_extractor, check_metrics
+from ddpm.data import digits_split
+from ddpm.errors import ConfigError
+from ddpm.metrics import MetricsSetupError, SampleEvaluator, SampleMetric, build_extractor, check_metrics
 
-SAMPLE_METRICS = ("fid", "kid", "confidence", "coverage")  # what SampleEvaluator computes; "bpd" is separate
+SAMPLE_METRICS = get_args(SampleMetric)  # what SampleEvaluator computes; "bpd" is separate
 
 
 def validate_metrics(names: Iterable[str] | None, key: str = "metrics") -> tuple[str, ...]:
@@ -84,8 +85,6 @@ def run_dir_images(ckpt: Path, image_shape: tuple[int, int, int], key: str = "me
                 )
             return val, train, name, dataset_labels(datamodule.val_set)
     if tuple(image_shape) == (1, 8, 8):
-        from ddpm.data import digits_split
-
         val, val_labels = digits_split("val")
         return val, digits_split("train")[0], "digits-8px-1ch", val_labels.long()
     raise ConfigError(

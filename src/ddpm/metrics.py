@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from ddpm.digits_classifier import NUM_CLASSES, WEIGHTS_PATH, DigitsFeatures, load_digits_classifier, weights_digest
+from ddpm.digits_classifier import WEIGHTS_PATH, DigitsFeatures, load_digits_classifier, weights_digest
 from ddpm.registry import registrar
 
 SampleMetric = Literal["fid", "kid", "confidence", "coverage"]  # computed by SampleEvaluator

@@ -4,23 +4,21 @@ It holds the network (`unet`) and the process (`diffusion`), logs the loss (also
 timesteps), draws each step's t and noise so that a global batch gets the same draws however devices and
 gradient accumulation split it, validates with a fixed draw of t and noise, builds Adam/AdamW (fused where
 torch has the kernel) with a linear warm-up, keeps the UNet and the batches channels_last, optionally
-torch.compiles the UNet (`compile_unet`), and draws samples (`sample`) and per-image bits/dim (`bits_per_dim`).
+torch.compiles the UNet (`compile_unet`; ddpm.callbacks.CompileTime reports the cost), and draws samples (`sample`) and per-image bits/dim (`bits_per_dim`).
 The sample grids and the evaluation during training are callbacks (ddpm.sample_callbacks) that run on every rank;
 their settings (`sample_*`, `eval_*`) stay arguments of this module, so the config keys `module.sample_*` and
 `module.eval_*` and every checkpoint carry them (conf/callbacks/default.yaml hands them to the callbacks).
 
 All constructor arguments are plain values and `save_hyperparameters()` stores them, so a checkpoint
 alone rebuilds the model: `DiffusionModule.load_from_checkpoint(path)` (EMA weights when the run had
-EMA) or `load_module(path, use_ema=...)`.
+EMA) or `ddpm.checkpoints.load_module(path, use_ema=...)`.
 """
 from __future__ import annotations
 
 import inspect
 import math
-import time
 from functools import partial
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,11 +27,13 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
-from ddpm import GaussianDiffusion, make_betas
-from ddpm.diffusion import Objective, TimestepSampling
-from ddpm.config import ConfigError, first_line, unreadable_checkpoint
+from ddpm.diffusion import GaussianDiffusion, Objective, TimestepSampling, Variance
+from ddpm.errors import ConfigError
+from ddpm.evaluation import validate_metrics
 from ddpm.guidance import ClassifierFreeGuidance
+from ddpm.schedules import make_betas
 from ddpm.schema import LrDecay, check_lr_decay, check_module
+from ddpm.unet import UNet, is_channels_last
 
 QUARTILES = 4
 
@@ -41,11 +41,6 @@ QUARTILES = 4
 def _seed_of(*entropy: int) -> int:
     """A 64-bit generator seed mixed from integers by numpy's SeedSequence (nearby inputs, unrelated streams)."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])
-
-
-def _is_nhwc(x: Tensor) -> bool:
-    """True when x is stored channels_last (and not also plain contiguous, as with C == 1 or H * W == 1)."""
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def lr_factor(step: int, warmup: int, decay: str = "none", total: int = 0) -> float:
@@ -110,7 +105,7 @@ class DiffusionModule(LightningModule):
         schedule: str = "linear",
         timesteps: int = 1000,
         objective: Objective = "eps",
-        variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small",
+        variance: Variance = "fixed_small",
         min_snr_gamma: float | None = None,
         vlb_weight: float = 0.001,
         sigma_data: float = 0.5,
@@ -138,16 +133,12 @@ class DiffusionModule(LightningModule):
         channels_last: bool = True,
     ) -> None:
         super().__init__()
-        from ddpm import UNet  # lazily: ddpm exposes UNet through __getattr__
-
         self.save_hyperparameters()
         known = set(inspect.signature(UNet).parameters)
         unknown = sorted(set(unet) - known)
         if unknown:
             raise ConfigError(f"model.{unknown[0]} is not a UNet argument; known: {', '.join(sorted(known))}")
         check_module({k: v for k, v in self.hparams.items() if k != "unet"})  # by config key: module.lr, ...
-        from ddpm.evaluation import validate_metrics
-
         validate_metrics(eval_metrics, key="module.eval_metrics")
         try:
             self.diffusion = GaussianDiffusion(
@@ -168,9 +159,6 @@ class DiffusionModule(LightningModule):
         # to learn. Plain tensors, not buffers: buffers would enter checkpoints and the EMA's weight swaps.
         self._q_sum = torch.zeros(QUARTILES)
         self._q_count = torch.zeros(QUARTILES)
-        self._step_seconds: list[float] | None = None  # wall time of the first two training steps after compile_unet()
-        self._step_start = 0.0
-        self.compile_seconds: float | None = None
         self._draw_generator: torch.Generator | None = None  # training_draws(), re-seeded every step
 
     @property
@@ -204,48 +192,38 @@ class DiffusionModule(LightningModule):
         """torch.compile the UNet in place (`nn.Module.compile`: parameter names, checkpoints and the EMA's
         eager copy are unchanged); `options` go to torch.compile (mode, backend, dynamic, ...).
 
-        Compilation happens in the first training step; its cost (the first step's time minus the second's)
-        is printed once and logged as `perf/compile_s`, and kept in `compile_seconds`.
+        Compilation happens in the first training step (ddpm.callbacks.CompileTime reports its cost).
         """
         try:
             self.unet.compile(**options)
         except RuntimeError as e:  # an unknown mode or backend
             raise ConfigError(f"compile_options={options}: {str(e).strip().splitlines()[0]}") from e
-        self._step_seconds = []
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._step_seconds is not None and len(self._step_seconds) < 2:
-            self._step_start = time.perf_counter()
 
     def training_draws(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         """t (B,), noise (B, C, H, W) and the label-dropout uniforms (B,) of this rank's micro-batch.
 
-        They are rows of one draw for the whole optimizer step (accumulate_grad_batches x world_size x B
-        rows), seeded by (torch.initial_seed(), global_step): micro-batch m takes the m-th block of
-        world_size x B rows and rank r every world_size-th row of it from r, the positions DistributedSampler
-        gives that rank's images. So ranks never repeat each other's noise (seeded alike, each would otherwise
-        draw the same t and noise for its own images), the same global batch gets the same draws however it
-        is split over devices and accumulation, and a resumed run draws what an uninterrupted one would.
-        t and the uniforms come from one stream for all rows (a few numbers each); each row's noise from its
-        own stream, seeded by (torch.initial_seed(), global_step, row), so a rank makes only its B images'
-        noise, not the global batch's.
+        They are rows of one draw for the whole optimizer step (accumulate_grad_batches x world_size x B rows),
+        seeded by (torch.initial_seed(), global_step): micro-batch m takes the m-th block of world_size x B rows
+        and rank r every world_size-th row of it from r, the positions DistributedSampler gives that rank's images.
+        So ranks never repeat each other's noise (seeded alike, each would otherwise draw the same t and noise for
+        its own images), the same global batch gets the same draws however it is split over devices and
+        accumulation, and a resumed run draws what an uninterrupted one would. Each rank draws the global batch's
+        noise and keeps its rows: one call, the size of accumulate_grad_batches x world_size micro-batches.
         """
         trainer = self._trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         accum = trainer.accumulate_grad_batches if trainer is not None else 1
         B, device = x0.shape[0], x0.device
-        seed = (torch.initial_seed(), self.global_step)
         if self._draw_generator is None or self._draw_generator.device != device:
             self._draw_generator = torch.Generator(device=device)
-        g = self._draw_generator.manual_seed(_seed_of(*seed))
+        g = self._draw_generator.manual_seed(_seed_of(torch.initial_seed(), self.global_step))
         n = accum * world * B
         t = self.diffusion.sample_timesteps(n, generator=g, device=device)
         drop = torch.rand((n,), generator=g, device=device)
-        rows = [(batch_idx % accum) * world * B + i * world + rank for i in range(B)]
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g.manual_seed(_seed_of(*seed, row)), device=device) for row in rows])
-        noise = noise.contiguous(memory_format=torch.channels_last if _is_nhwc(x0) else torch.contiguous_format)
-        rows_t = torch.tensor(rows, device=device)
-        return t[rows_t], noise, drop[rows_t]
+        noise = torch.randn((n, *x0.shape[1:]), generator=g, device=device)
+        rows = torch.arange(B, device=device) * world + (batch_idx % accum) * world * B + rank
+        memory_format = torch.channels_last if is_channels_last(x0) else torch.contiguous_format
+        return t[rows], noise[rows].contiguous(memory_format=memory_format), drop[rows]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch  # (B, C, H, W) in [-1, 1], (B,)
@@ -383,63 +361,3 @@ class DiffusionModule(LightningModule):
             return bpd.total
         finally:
             self.unet.train(was_training)
-
-    def _time_compile(self) -> None:
-        """After compile_unet(): time the first two training steps; then report the compile time once."""
-        if self._step_seconds is None or len(self._step_seconds) >= 2:
-            return
-        self._step_seconds.append(time.perf_counter() - self._step_start)
-        if len(self._step_seconds) < 2:
-            return
-        first, second = self._step_seconds
-        self.compile_seconds = max(first - second, 0.0)
-        if self.trainer.is_global_zero:
-            print(f"torch.compile: {self.compile_seconds:.1f} s (first training step {first:.1f} s, second {second:.3f} s)")
-            for logger in self.loggers:
-                logger.log_metrics({"perf/compile_s": self.compile_seconds}, step=self.global_step)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._time_compile()
-
-
-class LoadedCheckpoint(NamedTuple):
-    """What `load_module` returns: the module (eval mode), whether it holds EMA weights, the training step."""
-
-    module: DiffusionModule
-    ema: bool
-    global_step: int
-
-
-def load_module(path: str | Path, use_ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild a DiffusionModule from a checkpoint file alone, with its EMA weights or (use_ema=False) the live ones.
-
-    With EMA (`WeightAveraging`), the checkpoint's `state_dict` holds the EMA weights and
-    `current_model_state` the live ones. A checkpoint without EMA has only the live weights; then
-    `use_ema=True` falls back to them (the second value says so).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt={path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or pickled objects that weights_only refuses
-        reason = unreadable_checkpoint(path) or f"{type(e).__name__}: {first_line(e)}"
-        raise ConfigError(f"ckpt={path}: not a readable checkpoint ({reason})") from e
-    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
-        raise ConfigError(f"ckpt={path}: not a DiffusionModule checkpoint (no hyper_parameters/state_dict)")
-    hparams = ckpt["hyper_parameters"]
-    try:
-        module = DiffusionModule(**hparams)
-    except (TypeError, ValueError) as e:  # an argument this version lacks or needs, or a value it refuses
-        params = inspect.signature(DiffusionModule).parameters
-        unknown = sorted(set(hparams) - set(params)) if isinstance(hparams, dict) else []
-        needed = sorted(n for n, p in params.items() if p.default is p.empty and n not in (hparams if isinstance(hparams, dict) else {}))
-        detail = f"unknown hyperparameter(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(needed)}" if needed else first_line(e)
-        raise ConfigError(f"ckpt={path}: made by an incompatible version of ddpm ({detail}); sample it with that version") from e
-    has_ema = "current_model_state" in ckpt
-    state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"ckpt={path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    module.to(map_location).eval()
-    return LoadedCheckpoint(module, use_ema and has_ema, int(ckpt.get("global_step", 0)))

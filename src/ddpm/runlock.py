@@ -1,6 +1,6 @@
 """One process per run dir: a lock that a second train.py aimed at a run dir in use refuses on.
 
-The lock is `fcntl.flock` on `<run dir>/.run.lock`, taken by the `Validate` Hydra callback (ddpm.schema) before
+The lock is `fcntl.flock` on `<run dir>/.run.lock`, taken by the `Validate` Hydra callback (ddpm.config) before
 Hydra writes anything into the dir, and held through an open file descriptor for the whole process: the kernel
 releases it when the process ends, however it ends. The file also holds a JSON record of the holder (pid, host,
 since, command), read by whoever is refused, and is deleted when the holder ends normally (exit, an error,
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from ddpm.schema import ConfigError
+from ddpm.errors import ConfigError
 
 LOCK_NAME = ".run.lock"
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # fmt: skip

@@ -35,8 +35,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 
 from ddpm.callbacks import EMA, ema_module
-from ddpm.config import ConfigError
+from ddpm.errors import ConfigError
+from ddpm.evaluation import SAMPLE_METRICS, build_evaluator, datamodule_images, dataset_images, dataset_labels, validate_metrics
+from ddpm.images import make_grid, save_grid
 from ddpm.metrics import Metric
+from ddpm.samplers import SAMPLERS
 
 def _check_int(key: str, value: Any, least: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -45,8 +48,6 @@ def _check_int(key: str, value: Any, least: int) -> int:
 
 
 def _check_sampler(key: str, sampler: str, steps: int | None) -> None:
-    from ddpm.samplers import SAMPLERS
-
     if sampler not in SAMPLERS:
         raise ConfigError(f"{key}.sampler={sampler!r} is invalid: expected one of {', '.join(sorted(SAMPLERS))}")
     if steps is not None:
@@ -198,8 +199,6 @@ class SampleGrid(_EveryNSteps):
 
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
         """Draw the grid of this step (every rank must call it); its path on global rank 0, None on the others."""
-        from ddpm.data import make_grid, save_grid
-
         step = self._last_step = trainer.global_step
         module = ema_module(trainer, pl_module)
         images = draw_samples(trainer, module, self.n, self.sampler, self.steps, self.seed, self.chunk_size)
@@ -300,8 +299,6 @@ class Evaluation(_EveryNSteps):
         seed: int = 0,
         chunk_size: int = 64,
     ) -> None:
-        from ddpm.evaluation import validate_metrics
-
         self.every_n_steps = _check_int("callbacks.evaluation.every_n_steps", every_n_steps, 0)
         self.n = _check_int("callbacks.evaluation.n", n, 2)
         self.chunk_size = _check_int("callbacks.evaluation.chunk_size", chunk_size, 1)
@@ -319,8 +316,6 @@ class Evaluation(_EveryNSteps):
 
     @property
     def sample_metrics(self) -> list[str]:
-        from ddpm.evaluation import SAMPLE_METRICS
-
         return [m for m in self.metrics if m in SAMPLE_METRICS]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -340,8 +335,6 @@ class Evaluation(_EveryNSteps):
         (reference) and train (floor) splits: a missing extractor or weights file fails here, not at the first evaluation."""
         if not self.every_n_steps:
             return
-        from ddpm.evaluation import build_evaluator, datamodule_images, dataset_images, dataset_labels
-
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "val_set"):
             raise ConfigError("module.eval_every_n_steps needs an ImageDataModule (its val split is the reference)")

@@ -10,22 +10,20 @@ Two layers (docs/reliability.md):
   `check_data` on their arguments, so a notebook user gets the same messages.
 
 The train config's top level, `module` and `trainer` stay open dicts (Lightning takes any Trainer argument, and
-experiment files may add keys); their values are checked here by hand. Nothing here imports Lightning.
+experiment files may add keys); their values are checked here by hand.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
-from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key, the value and what is accepted."""
+from ddpm.errors import ConfigError
 
 
 # ---- types: schemas of the config groups, checked by OmegaConf at compose time ------------------------------
@@ -106,7 +104,7 @@ for _name, _node in {"schedule": ScheduleSchema, "model": ModelSchema, "data": D
 # ---- values ---------------------------------------------------------------------------------------------------
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -141,13 +139,13 @@ def check_module(args: Mapping[str, Any]) -> None:
 
     `timesteps` and `schedule` are reported as `schedule.timesteps` / `schedule.name`, where users set them.
     """
-    from ddpm.diffusion import Objective, TimestepSampling, Variance
+    from ddpm.diffusion import Objective, TimestepSampling, Variance  # torch: loaded when a module is checked
     from ddpm.samplers import SAMPLERS
     from ddpm.schedules import SCHEDULES
 
     a = dict(args)
     T = a.get("timesteps", 1000)
-    check("schedule.timesteps", T, lambda: _is_int(T) and T >= 1, "an integer >= 1")
+    check("schedule.timesteps", T, lambda: is_int(T) and T >= 1, "an integer >= 1")
     rules: dict[str, tuple[Callable[[Any], bool], str]] = {
         "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
         "schedule": (lambda v: v in SCHEDULES, " or ".join(sorted(SCHEDULES))),
@@ -163,17 +161,17 @@ def check_module(args: Mapping[str, Any]) -> None:
         "lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
         "betas": (lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
         "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-        "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "warmup_steps": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
         "lr_decay": (lambda v: v in get_args(LrDecay), " or ".join(get_args(LrDecay))),
-        "sample_every_n_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-        "sample_n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "sample_every_n_steps": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+        "sample_n": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "sample_sampler": (lambda v: v in SAMPLERS, " or ".join(sorted(SAMPLERS))),
-        "sample_steps": (lambda v: v is None or (_is_int(v) and 1 <= v <= T), f"null or an integer in [1, {T}] (schedule.timesteps)"),
-        "sample_seed": (_is_int, "an integer"),
-        "eval_every_n_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-        "eval_n": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+        "sample_steps": (lambda v: v is None or (is_int(v) and 1 <= v <= T), f"null or an integer in [1, {T}] (schedule.timesteps)"),
+        "sample_seed": (is_int, "an integer"),
+        "eval_every_n_steps": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+        "eval_n": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
         "eval_extractor": (lambda v: v in ("digits", "inception"), "digits or inception"),
-        "eval_bpd_timesteps": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1 (capped at schedule.timesteps)"),
+        "eval_bpd_timesteps": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1 (capped at schedule.timesteps)"),
     }
     for name, (ok, accepted) in rules.items():
         if name in a:
@@ -182,38 +180,30 @@ def check_module(args: Mapping[str, Any]) -> None:
 
 
 def check_model(unet: Mapping[str, Any], image_key: str = "data.resolution", channels_key: str = "data.channels") -> None:
-    """UNet arguments that cannot build or run, by config key: positive sizes, the image size against the levels
-    (channel_mult halves it len - 1 times), widths against norm_groups, attention sizes among the levels."""
-    u = dict(unet)
-    positive = {image_key: u.get("image_size"), channels_key: u.get("in_channels")}
-    positive.update({f"model.{k}": u.get(k) for k in ("base_channels", "num_res_blocks", "norm_groups", "num_heads") if k in u})
-    for key, value in positive.items():
-        check(key, value, lambda: _is_int(value) and value >= 1, "an integer >= 1")
-    mult = u.get("channel_mult")
-    check("model.channel_mult", mult, lambda: len(mult) >= 1 and all(_is_int(m) and m >= 1 for m in mult), "a non-empty list of integers >= 1")
-    size, factor = u["image_size"], 2 ** (len(mult) - 1)
-    check(image_key, size, lambda: size % factor == 0, f"a multiple of {factor}: model.channel_mult={list(mult)} halves it {len(mult) - 1} time(s)")
-    groups, base = u.get("norm_groups", 32), u.get("base_channels")
-    check("model.norm_groups", groups, lambda: base % groups == 0, f"a divisor of model.base_channels={base} (GroupNorm splits every width base_channels x mult into groups)")
-    levels = [size // 2**i for i in range(len(mult))]
-    attn = u.get("attention_resolutions") or []
-    check("model.attention_resolutions", attn, lambda: all(r in levels for r in attn), f"sizes the UNet visits at {image_key}={size}: a subset of {levels}")
-    drop = u.get("dropout", 0.0)
-    check("model.dropout", drop, lambda: _is_number(drop) and 0 <= drop < 1, "a number in [0, 1)")
-    out, classes = u.get("out_channels"), u.get("num_classes")
-    check("model.out_channels", out, lambda: out is None or (_is_int(out) and out >= 1), "null (from module.variance) or an integer >= 1")
-    check("model.num_classes", classes, lambda: classes is None or (_is_int(classes) and classes >= 1), "null (unconditional) or an integer >= 1")
+    """UNet arguments that cannot build or run, by config key: the UNet's own rule (ddpm.unet.check_geometry) on
+    the config's values and the UNet's defaults for the rest; `image_size` and `in_channels` shown as the keys that
+    set them."""
+    from ddpm.unet import GeometryError, UNet, check_geometry
+
+    defaults = inspect.signature(UNet).parameters
+    given = OmegaConf.to_container(unet, resolve=True) if OmegaConf.is_config(unet) else dict(unet)
+    args = {k: given.get(k, defaults[k].default) for k in inspect.signature(check_geometry).parameters if k != "names"}
+    keys = {"image_size": image_key, "in_channels": channels_key}
+    try:
+        check_geometry(**args, names=lambda arg: keys.get(arg, f"model.{arg}"))
+    except GeometryError as e:
+        raise ConfigError(f"{e.arg}={_show(e.value)} is invalid: expected {e.accepted}") from None
 
 
 def check_data(args: Mapping[str, Any]) -> None:
     """ImageDataModule arguments by config key (`data.batch_size`, ...); the dataset name is checked against the registry there."""
     rules: dict[str, tuple[Callable[[Any], bool], str]] = {
-        "resolution": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        "channels": (lambda v: v in (1, 3) and _is_int(v), "1 or 3"),
-        "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "resolution": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        "channels": (lambda v: v in (1, 3) and is_int(v), "1 or 3"),
+        "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        "num_workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
         "val_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-        "split_seed": (_is_int, "an integer"),
+        "split_seed": (is_int, "an integer"),
     }
     for name, (ok, accepted) in rules.items():
         if name in args:
@@ -229,26 +219,26 @@ _MAX_TIME = re.compile(r"^\d+:\d{1,2}:\d{1,2}:\d{1,2}$")
 def _devices_ok(v: Any) -> bool:
     if isinstance(v, str):
         return v == "auto" or bool(re.fullmatch(r"-1|\d+|(\d+,)*\d+,?", v))
-    if _is_int(v):
+    if is_int(v):
         return v == -1 or v >= 1
-    return len(v) > 0 and all(_is_int(d) and d >= 0 for d in v)
+    return len(v) > 0 and all(is_int(d) and d >= 0 for d in v)
 
 
 def check_trainer(trainer: Mapping[str, Any], precision_key: str = "hardware.precision") -> None:
     """The lightning.Trainer arguments that the configs set (any others pass to Lightning unchecked)."""
     rules: dict[str, tuple[Callable[[Any], bool], str]] = {
-        "max_steps": (lambda v: _is_int(v) and (v == -1 or v >= 1), "an integer >= 1, or -1 for no limit"),
-        "max_epochs": (lambda v: v is None or (_is_int(v) and v >= -1), "null, -1 or an integer >= 1"),
+        "max_steps": (lambda v: is_int(v) and (v == -1 or v >= 1), "an integer >= 1, or -1 for no limit"),
+        "max_epochs": (lambda v: v is None or (is_int(v) and v >= -1), "null, -1 or an integer >= 1"),
         "max_time": (lambda v: v is None or isinstance(v, Mapping) or bool(_MAX_TIME.match(str(v))), "null or DD:HH:MM:SS (00:00:05:00 is five minutes)"),
-        "val_check_interval": (lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "an integer >= 1 (steps) or a fraction of an epoch in (0, 1]"),
-        "check_val_every_n_epoch": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-        "limit_val_batches": (lambda v: (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1), "an integer >= 0 or a fraction in [0, 1]"),
-        "limit_train_batches": (lambda v: (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "an integer >= 1 or a fraction in (0, 1]"),
-        "num_sanity_val_steps": (lambda v: _is_int(v) and v >= -1, "an integer >= 0, or -1 for all"),
-        "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        "accumulate_grad_batches": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "val_check_interval": (lambda v: v is None or (is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "an integer >= 1 (steps) or a fraction of an epoch in (0, 1]"),
+        "check_val_every_n_epoch": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
+        "limit_val_batches": (lambda v: (is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1), "an integer >= 0 or a fraction in [0, 1]"),
+        "limit_train_batches": (lambda v: (is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "an integer >= 1 or a fraction in (0, 1]"),
+        "num_sanity_val_steps": (lambda v: is_int(v) and v >= -1, "an integer >= 0, or -1 for all"),
+        "log_every_n_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        "accumulate_grad_batches": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "gradient_clip_val": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
-        "num_nodes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "num_nodes": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "devices": (_devices_ok, "auto, -1 (all), a count >= 1, or a list of device indices such as [0,1]"),
         "precision": (lambda v: str(v) in PRECISIONS, " | ".join(PRECISIONS[:6])),
     }
@@ -287,10 +277,10 @@ def check_train(cfg: DictConfig) -> None:
     Values are read one by one (a DictConfig, not a resolved copy): `${hydra:...}` paths are not resolvable yet.
     """
     _check_required(cfg, {"data.root": "data.root=PATH, the folder of images (or of cifar-10-batches-py)"})
-    check("seed", cfg.seed, lambda: _is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "an integer in [0, 2**32)")
+    check("seed", cfg.seed, lambda: is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "an integer in [0, 2**32)")
     check("resume", cfg.resume, isinstance(cfg.resume, bool), "true or false")
     threads = cfg.get("threads", "auto")
-    check("threads", threads, threads == "auto" or (_is_int(threads) and threads >= 1), "auto or an integer >= 1")
+    check("threads", threads, threads == "auto" or (is_int(threads) and threads >= 1), "auto or an integer >= 1")
     for key in ("name", "ckpt_path"):
         check(key, cfg[key], cfg[key] is None or isinstance(cfg[key], str), "null or a string")
     if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().exists():  # which checkpoint in it: train.py decides
@@ -305,42 +295,29 @@ def check_train(cfg: DictConfig) -> None:
 
 def check_lr_decay(decay: str, max_steps: Any) -> None:
     """A decaying learning rate needs the step it reaches 0 at: trainer.max_steps."""
-    if decay != "none" and not (_is_int(max_steps) and max_steps >= 1):
+    if decay != "none" and not (is_int(max_steps) and max_steps >= 1):
         raise ConfigError(f"module.lr_decay={decay} decays to 0 at trainer.max_steps, which is {max_steps}; "
                           "set trainer.max_steps=<steps>, or module.lr_decay=none for a max_time budget")  # fmt: skip
 
 
-def check_train_run(cfg: DictConfig) -> None:
-    """check_train, then whether the data's files are where data.root says (their content is read at setup)."""
-    check_train(cfg)
-    if cfg.data.get("dataset") in ("folder", "cifar10"):
-        from ddpm.data import check_data_source
-
-        check_data_source(cfg.data.dataset, cfg.data.get("root"))
-
-
 def check_sample(cfg: DictConfig) -> None:
     """sample.py's options that need no checkpoint (`steps` against T and `class_label` against the classes wait for it)."""
-    from ddpm.config import resolve_ckpt, unreadable_checkpoint
     from ddpm.samplers import SAMPLERS, sampler_options
 
     _check_required(cfg, {"ckpt": "ckpt=PATH, a checkpoint file or a run dir (outputs/runs/<name>)"})
     check("ckpt", cfg.ckpt, isinstance(cfg.ckpt, str), "a checkpoint file or a run dir")
-    reason = unreadable_checkpoint(resolve_ckpt(cfg.ckpt, key="ckpt"))
-    if reason:
-        raise ConfigError(f"ckpt={cfg.ckpt}: not a readable checkpoint ({reason})")
     rules: dict[str, tuple[Callable[[Any], bool], str]] = {
-        "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "n": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "sampler": (lambda v: v in SAMPLERS, " or ".join(sorted(SAMPLERS))),
-        "steps": (lambda v: v is None or (_is_int(v) and v >= 1), "null (all T) or an integer >= 1"),
+        "steps": (lambda v: v is None or (is_int(v) and v >= 1), "null (all T) or an integer >= 1"),
         "spacing": (lambda v: v is None or v in ("uniform", "trailing", "karras"), "null or uniform | trailing | karras"),
         "eta": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
         "guidance_scale": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-        "class_label": (lambda v: v is None or (_is_int(v) and v >= 0) or (len(v) > 0 and all(_is_int(k) and k >= 0 for k in v)), "null, an integer >= 0 or a non-empty list of them"),
-        "seed": (_is_int, "an integer"),
+        "class_label": (lambda v: v is None or (is_int(v) and v >= 0) or (len(v) > 0 and all(is_int(k) and k >= 0 for k in v)), "null, an integer >= 0 or a non-empty list of them"),
+        "seed": (is_int, "an integer"),
         "extractor": (lambda v: v in ("digits", "inception"), "digits or inception"),
-        "metrics_bpd_timesteps": (lambda v: v is None or (_is_int(v) and v >= 1), "null (all T) or an integer >= 1"),
+        "metrics_bpd_timesteps": (lambda v: v is None or (is_int(v) and v >= 1), "null (all T) or an integer >= 1"),
     }
     for name, (ok, accepted) in rules.items():
         if name in cfg:
@@ -351,74 +328,3 @@ def check_sample(cfg: DictConfig) -> None:
         check(f"sampler_options.{name}", value, name in known, f"an option of sampler {cfg.sampler}: {accepted}")
         if isinstance(known[name], (int, float)):
             check(f"sampler_options.{name}", value, _is_number(value), f"a number (default {known[name]})")
-
-
-class Validate(Callback):
-    """Hydra callback: check the composed config before Hydra writes anything (`hydra.callbacks.validate` in the YAML).
-
-    A single run is checked before its run dir exists; each job of a sweep (`-m module.lr=1e-3,-1`) before it runs,
-    and the job dir Hydra made for it is removed. Hydra turns an exception raised by a callback into a warning
-    and carries on, so a bad value ends the process here (ddpm.config.clean_errors: one line, exit status 2).
-    `check`: "train" or "sample".
-
-    For train.py it also locks the run dir (ddpm.runlock) before Hydra writes into it: a second run aimed at a dir
-    in use is refused in one line. A sweep locks its sweep dir at the start and each job its own job dir.
-    """
-
-    def __init__(self, check: str) -> None:
-        self.check = {"train": check_train_run, "sample": check_sample}[check]
-        self.lock = check == "train"
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from ddpm import runlock
-        from ddpm.config import clean_errors
-
-        with clean_errors():
-            self.check(config)
-            if self.lock:  # a refusal writes nothing and removes nothing: the dir is another run's
-                resume = bool(config.get("resume"))
-                runlock.check_free(config.hydra.run.dir, resume=resume)
-                runlock.acquire(config.hydra.run.dir, resume=resume)
-
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.lock:
-            from ddpm import runlock
-
-            runlock.release(config.hydra.run.dir)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.lock:
-            from ddpm import runlock
-            from ddpm.config import clean_errors
-
-            with clean_errors():
-                runlock.check_free(config.hydra.sweep.dir, below=True, sweep=True)
-                runlock.acquire(config.hydra.sweep.dir, sweep=True)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.lock:
-            from ddpm import runlock
-
-            runlock.release(config.hydra.sweep.dir)
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.types import RunMode
-
-        from ddpm.config import clean_errors
-
-        if config.hydra.mode == RunMode.MULTIRUN:
-            if self.lock:  # each job locks its own dir (the sweep dir above is this sweep's), first: a refusal removes nothing
-                from ddpm import runlock
-
-                with clean_errors():
-                    runlock.acquire(config.hydra.runtime.output_dir, resume=bool(config.get("resume")))
-            with clean_errors(run_dir=config.hydra.runtime.output_dir):
-                self.check(config)
-
-    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.types import RunMode
-
-        if self.lock and config.hydra.mode == RunMode.MULTIRUN:
-            from ddpm import runlock
-
-            runlock.release(config.hydra.runtime.output_dir)

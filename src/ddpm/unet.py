@@ -13,7 +13,7 @@ the parameter count follow the paper's TensorFlow code and improved-diffusion's 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class _GroupNormChannelsLastCPU(torch.autograd.Function):
     """group_norm of a channels_last bf16/fp16 tensor on CPU: ATen's forward, a faster backward.
 
-    ATen's CPU backward for channels_last low-precision inputs runs ~4x slower than for NCHW, and
-    converting layouts costs about as much as it saves; this backward is the same closed form
+    ATen's CPU backward for channels_last low-precision inputs is much slower than for NCHW (docs/benchmarks.md),
+    and converting layouts costs about as much as it saves; this backward is the same closed form
     (d x = rstd w dy + c2 x + c3 per group) as a few vectorised fp32 passes over the (N, HW, C) view.
     """
 
@@ -94,16 +94,16 @@ class GroupNorm(nn.GroupNorm):
             return super().forward(x)
         weight, bias = self.weight, self.bias
         with torch.autocast(device, enabled=False):
-            if device == "cpu" and x.dim() == 4 and weight is not None and _is_channels_last(x):
+            if device == "cpu" and weight is not None and is_channels_last(x):
                 return _GroupNormChannelsLastCPU.apply(x, weight, bias, self.num_groups, self.eps)
             if device != "cpu" and weight is not None:
                 weight, bias = weight.to(x.dtype), bias.to(x.dtype)
             return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    """True when x is stored NHWC and not also plain contiguous (C == 1 or H * W == 1 make both true)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when x is a 4-D tensor stored NHWC and not also plain contiguous (C == 1 or H * W == 1 make both true)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class ResBlock(nn.Module):
@@ -242,7 +242,7 @@ class UNet(nn.Module):
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         out_channels = in_channels if out_channels is None else out_channels
-        _check_geometry(
+        check_geometry(
             image_size, in_channels, out_channels, base_channels, channel_mult, num_res_blocks,
             attention_resolutions, dropout, norm_groups, num_classes, num_heads,
         )  # fmt: skip
@@ -354,52 +354,60 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, H, W)
 
 
-def _check_geometry(
+class GeometryError(ValueError):
+    """A UNet argument that cannot build or run: `arg` (its name), `value`, and what is `accepted`."""
+
+    def __init__(self, arg: str, value: object, accepted: str) -> None:
+        super().__init__(f"UNet: {arg}={value} is invalid: expected {accepted}")
+        self.arg, self.value, self.accepted = arg, value, accepted
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def check_geometry(
     image_size: int,
     in_channels: int,
-    out_channels: int,
+    out_channels: int | None,
     base_channels: int,
-    channel_mult: tuple[int, ...],
+    channel_mult: Sequence[int],
     num_res_blocks: int,
-    attention_resolutions: tuple[int, ...],
+    attention_resolutions: Sequence[int],
     dropout: float,
     norm_groups: int,
     num_classes: int | None,
     num_heads: int,
+    names: Callable[[str], str] = str,
 ) -> None:
-    """Raise ValueError, naming the value, for a UNet configuration that cannot be built or run."""
-    positive = dict(
-        image_size=image_size, in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
-        num_res_blocks=num_res_blocks, norm_groups=norm_groups, num_heads=num_heads,
-    )  # fmt: skip
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"UNet: {name}={value} must be a positive integer")
-    if not channel_mult or min(channel_mult) < 1:
-        raise ValueError(f"UNet: channel_mult={channel_mult} must be a non-empty sequence of positive integers")
-    factor = 2 ** (len(channel_mult) - 1)
-    if image_size % factor:
-        raise ValueError(
-            f"UNet: image_size={image_size} is not divisible by 2**{len(channel_mult) - 1}={factor} "
-            f"(the downsampling factor of channel_mult={channel_mult})"
-        )
+    """Raise GeometryError at the first UNet argument that cannot be built or run. The one rule for the UNet and for
+    the config validator (ddpm.schema.check_model), which passes `names` to show each argument by its config key.
+    `out_channels` None means "as in_channels"."""
+    counts = dict(image_size=image_size, in_channels=in_channels, base_channels=base_channels, num_res_blocks=num_res_blocks,
+                  norm_groups=norm_groups, num_heads=num_heads)  # fmt: skip
+    for name, value in counts.items():
+        if not _is_count(value):
+            raise GeometryError(names(name), value, "an integer >= 1")
+    if not (isinstance(channel_mult, Sequence) and len(channel_mult) >= 1 and all(_is_count(m) for m in channel_mult)):
+        raise GeometryError(names("channel_mult"), channel_mult, "a non-empty list of integers >= 1")
+    downsamplings = len(channel_mult) - 1
+    if image_size % 2**downsamplings:
+        raise GeometryError(names("image_size"), image_size, f"a multiple of {2**downsamplings}: "
+                            f"{names('channel_mult')}={list(channel_mult)} halves it {downsamplings} time(s)")  # fmt: skip
     if base_channels % norm_groups:  # every width is base_channels * an integer, so this covers them all
-        raise ValueError(
-            f"UNet: base_channels={base_channels} is not divisible by norm_groups={norm_groups} "
-            f"(GroupNorm needs every width base_channels * mult to be)"
-        )
+        raise GeometryError(names("norm_groups"), norm_groups, f"a divisor of {names('base_channels')}={base_channels} "
+                            "(GroupNorm splits every width base_channels x mult into groups)")  # fmt: skip
     resolutions = [image_size // 2**i for i in range(len(channel_mult))]
-    for r in attention_resolutions:
-        if r not in resolutions:
-            raise ValueError(
-                f"UNet: attention resolution {r} is not one the net visits; "
-                f"with image_size={image_size} and channel_mult={channel_mult} they are {resolutions}"
-            )
+    if not all(r in resolutions for r in attention_resolutions):
+        raise GeometryError(names("attention_resolutions"), attention_resolutions,
+                            f"sizes the UNet visits at {names('image_size')}={image_size}: a subset of {resolutions}")  # fmt: skip
     attended = {base_channels * m for m, r in zip(channel_mult, resolutions) if r in attention_resolutions}
-    for width in sorted(attended | {base_channels * channel_mult[-1]}):
-        if width % num_heads:
-            raise ValueError(f"UNet: attention width {width} is not divisible by num_heads={num_heads}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"UNet: dropout={dropout} must lie in [0, 1)")
-    if num_classes is not None and num_classes < 1:
-        raise ValueError(f"UNet: num_classes={num_classes} must be None or a positive integer")
+    widths = sorted(attended | {base_channels * channel_mult[-1]})  # the attention blocks' widths (the middle one always)
+    if any(w % num_heads for w in widths):
+        raise GeometryError(names("num_heads"), num_heads, f"a divisor of every attention width {widths}")
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0):
+        raise GeometryError(names("dropout"), dropout, "a number in [0, 1)")
+    if out_channels is not None and not _is_count(out_channels):
+        raise GeometryError(names("out_channels"), out_channels, "null (as in_channels, or what module.variance needs) or an integer >= 1")
+    if num_classes is not None and not _is_count(num_classes):
+        raise GeometryError(names("num_classes"), num_classes, "null (unconditional) or an integer >= 1")
