@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 # Threads that wait by sleeping, not spinning: on a shared CPU, torch's default spin-waiting OpenMP threads
-# made small-batch CPU training 25x slower whenever another process was busy (docs/benchmarks.md).
+# hold cores another process needs, and small-batch CPU training slows by an order of magnitude (docs/benchmarks.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json
@@ -28,8 +28,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ddpm.config import ConfigError, clean_errors, resolve_ckpt, run_cli
-from ddpm.schema import check, check_sample
+from ddpm.config import check_sample_run, clean_errors, resolve_ckpt, run_cli
+from ddpm.errors import ConfigError
+from ddpm.schema import check, is_int
 
 GRID_MAX = 256  # grid.png shows at most this many samples; samples.npz holds all n
 
@@ -39,15 +40,12 @@ def sample(cfg: DictConfig) -> Path:
     with cfg.metrics, score them (metrics.json and a table)."""
     from tqdm.auto import tqdm
 
-    from ddpm.data import save_grid
+    from ddpm.checkpoints import load_module
     from ddpm.evaluation import build_evaluator, run_dir_images, validate_metrics
-    from ddpm.module import load_module
+    from ddpm.images import save_grid
     from ddpm.samplers import DEFAULT_SPACING, network_evaluations
 
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    check_sample(cfg)  # also run by the Validate callback before Hydra makes out_dir; here for callers of sample()
+    check_sample_run(cfg)  # also run by the Validate callback before Hydra makes out_dir; here for callers of sample()
     metrics = cfg.get("metrics") or []
     metrics = validate_metrics(list(metrics), key="metrics")
     extractor = cfg.get("extractor", "digits")
