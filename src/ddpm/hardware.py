@@ -2,7 +2,7 @@
 
 On a CPU, torch splits every operation over one thread per core. For small images each convolution is too
 little work to share: the split and the wait cost more than they save (a step of the digits demo, 8x8
-images, takes 126 ms on one thread of this project's 2-core CPU and 212 ms on two; docs/benchmarks.md). Larger images gain from every core.
+images, is faster on one thread than on two; docs/benchmarks.md). Larger images gain from every core.
 """
 from __future__ import annotations
 

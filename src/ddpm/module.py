@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from ddpm.errors import ConfigError
 from ddpm.evaluation import validate_metrics
 from ddpm.guidance import ClassifierFreeGuidance
 from ddpm.schedules import make_betas
-from ddpm.schema import LrDecay, check_lr_decay, check_module
+from ddpm.schema import LrDecay, Optimizer, check_lr_decay, check_module
 from ddpm.unet import UNet, is_channels_last
 
 QUARTILES = 4
@@ -113,7 +113,7 @@ class DiffusionModule(LightningModule):
         lognormal_mean: float = -1.2,
         lognormal_std: float = 1.2,
         cond_drop_prob: float = 0.0,
-        optimizer: Literal["adam", "adamw"] = "adam",
+        optimizer: Optimizer = "adam",
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,

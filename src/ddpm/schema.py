@@ -132,6 +132,7 @@ def _show(value: Any) -> str:
 
 
 LrDecay = Literal["none", "cosine", "linear"]  # DiffusionModule's lr_decay
+Optimizer = Literal["adam", "adamw"]  # DiffusionModule's optimizer
 
 
 def check_module(args: Mapping[str, Any]) -> None:
@@ -140,6 +141,7 @@ def check_module(args: Mapping[str, Any]) -> None:
     `timesteps` and `schedule` are reported as `schedule.timesteps` / `schedule.name`, where users set them.
     """
     from ddpm.diffusion import Objective, TimestepSampling, Variance  # torch: loaded when a module is checked
+    from ddpm.metrics import EXTRACTORS
     from ddpm.samplers import SAMPLERS
     from ddpm.schedules import SCHEDULES
 
@@ -147,7 +149,7 @@ def check_module(args: Mapping[str, Any]) -> None:
     T = a.get("timesteps", 1000)
     check("schedule.timesteps", T, lambda: is_int(T) and T >= 1, "an integer >= 1")
     rules: dict[str, tuple[Callable[[Any], bool], str]] = {
-        "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
+        "optimizer": (lambda v: v in get_args(Optimizer), " or ".join(get_args(Optimizer))),
         "schedule": (lambda v: v in SCHEDULES, " or ".join(sorted(SCHEDULES))),
         "objective": (lambda v: v in get_args(Objective), " or ".join(get_args(Objective))),
         "variance": (lambda v: v in get_args(Variance), " or ".join(get_args(Variance))),
@@ -170,7 +172,7 @@ def check_module(args: Mapping[str, Any]) -> None:
         "sample_seed": (is_int, "an integer"),
         "eval_every_n_steps": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
         "eval_n": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
-        "eval_extractor": (lambda v: v in ("digits", "inception"), "digits or inception"),
+        "eval_extractor": (lambda v: v in EXTRACTORS, " or ".join(sorted(EXTRACTORS))),
         "eval_bpd_timesteps": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1 (capped at schedule.timesteps)"),
     }
     for name, (ok, accepted) in rules.items():
@@ -291,6 +293,15 @@ def check_train(cfg: DictConfig) -> None:
     check_model(model, _origin(model, "image_size", "model.image_size"), _origin(model, "in_channels", "model.in_channels"))
     check_trainer(cfg.trainer, _origin(cfg.trainer, "precision", "trainer.precision"))
     check_lr_decay(cfg.module.get("lr_decay", "none"), cfg.trainer.max_steps)
+    check_optimized_metric(cfg.get("optimized_metric", "val/loss"), cfg.module)
+
+
+def check_optimized_metric(metric: Any, module: Mapping[str, Any]) -> None:
+    """What train() returns must be logged by the run: train/loss, val/loss, or val/<m> of an evaluation metric."""
+    evaluated = [f"val/{m}" for m in module.get("eval_metrics") or []] if module.get("eval_every_n_steps") else []
+    known = ["val/loss", "train/loss", *evaluated]
+    hint = "" if evaluated else "; val/fid and the other evaluation metrics need module.eval_every_n_steps > 0"
+    check("optimized_metric", metric, metric in known, f"one this run logs: {' | '.join(known)}{hint}")
 
 
 def check_lr_decay(decay: str, max_steps: Any) -> None:
@@ -302,6 +313,8 @@ def check_lr_decay(decay: str, max_steps: Any) -> None:
 
 def check_sample(cfg: DictConfig) -> None:
     """sample.py's options that need no checkpoint (`steps` against T and `class_label` against the classes wait for it)."""
+    from ddpm.diffusion import Spacing
+    from ddpm.metrics import EXTRACTORS
     from ddpm.samplers import SAMPLERS, sampler_options
 
     _check_required(cfg, {"ckpt": "ckpt=PATH, a checkpoint file or a run dir (outputs/runs/<name>)"})
@@ -311,12 +324,12 @@ def check_sample(cfg: DictConfig) -> None:
         "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "sampler": (lambda v: v in SAMPLERS, " or ".join(sorted(SAMPLERS))),
         "steps": (lambda v: v is None or (is_int(v) and v >= 1), "null (all T) or an integer >= 1"),
-        "spacing": (lambda v: v is None or v in ("uniform", "trailing", "karras"), "null or uniform | trailing | karras"),
+        "spacing": (lambda v: v is None or v in get_args(Spacing), "null or " + " | ".join(get_args(Spacing))),
         "eta": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
         "guidance_scale": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
         "class_label": (lambda v: v is None or (is_int(v) and v >= 0) or (len(v) > 0 and all(is_int(k) and k >= 0 for k in v)), "null, an integer >= 0 or a non-empty list of them"),
         "seed": (is_int, "an integer"),
-        "extractor": (lambda v: v in ("digits", "inception"), "digits or inception"),
+        "extractor": (lambda v: v in EXTRACTORS, " or ".join(sorted(EXTRACTORS))),
         "metrics_bpd_timesteps": (lambda v: v is None or (is_int(v) and v >= 1), "null (all T) or an integer >= 1"),
     }
     for name, (ok, accepted) in rules.items():
