@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: anything that lets pip choose torch may pull a multi-GB CUDA build
 	$(PY) -m pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev,submitit]'
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev,submitit,optuna]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package (no work the second time)
@@ -27,7 +27,7 @@ demo: $(STAMP)  ## train the default config (digits, CPU, ~5 min) into outputs/r
 	@# an earlier demo run is kept, renamed with its time, never deleted
 	if [ -d outputs/runs/demo ]; then mv outputs/runs/demo outputs/runs/demo.$$(date +%Y%m%d-%H%M%S); fi
 	$(PY) train.py name=demo
-	$(PY) sample.py ckpt=outputs/runs/demo n=64 sampler=dpmsolver++ steps=20 out_dir=outputs/runs/demo/sample
+	$(PY) sample.py ckpt=outputs/runs/demo n=64 sampler=dpmsolver++sde steps=20 out_dir=outputs/runs/demo/sample
 	@echo "demo grid: outputs/runs/demo/sample/grid.png (training grids: outputs/runs/demo/samples/)"
 
 test: $(STAMP)  ## run the test suite

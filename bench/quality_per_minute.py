@@ -9,9 +9,10 @@ largest of `--minutes` on `--threads` threads, `--jobs` runs at a time (so every
 the machine), with a checkpoint every minute. The lever `diffusers` (and `diffusers_bf16`, under bf16 autocast) is
 the plain loop a diffusers user writes: UNet2DModel of 4.0M parameters, DDPMScheduler (linear, T = 1000), AdamW
 2e-4, EMAModel (0.9999 with its warm-up), batch 128 of the same train split, snapshots of the EMA weights every
-minute. Every snapshot then draws `--n` samples at each of `--nfe` network evaluations, ours with `--sampler` and
-its default spacing, diffusers' with its own DPMSolverMultistepScheduler (DPM-Solver++(2M)), and scores them
-with the digits-FID against the val split (ddpm.metrics.SampleEvaluator); the ratio is over the FID of n real
+minute. Every snapshot then draws `--n` samples (once per `--seeds`) at each of `--nfe` network evaluations,
+ours with `--sampler` and its default spacing, diffusers' with its own DPMSolverMultistepScheduler (DPM-Solver++(2M),
+the SDE variant `sde-dpmsolver++` when `--sampler dpmsolver++sde`), and scores them with the digits-FID (the mean
+over the draws) against the val split (ddpm.metrics.SampleEvaluator); the ratio is over the FID of n real
 train images (the floor, all 1438 when n is larger). `--fid-at` also scores prefixes and extrapolates to
 infinitely many samples (ddpm.metrics.fid_infinity). Prints a table, writes JSON.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -98,20 +100,24 @@ def train_diffusers(run_dir: Path, minutes: int, bf16: bool, seed: int = 0) -> N
                     break
 
 
+# diffusers' DPMSolverMultistepScheduler variant for each of our samplers (the ODE one for the others)
+DIFFUSERS_ALGORITHM = {"dpmsolver++": "dpmsolver++", "dpmsolver++sde": "sde-dpmsolver++"}
+
+
 @torch.no_grad()
-def sample_diffusers(path: Path, n: int, nfe: int, seed: int, batch_size: int) -> tuple[torch.Tensor, int]:
+def sample_diffusers(path: Path, n: int, nfe: int, seed: int, batch_size: int, algorithm: str = "dpmsolver++") -> tuple[torch.Tensor, int]:
     from diffusers import DPMSolverMultistepScheduler
 
     snapshot = torch.load(path, weights_only=True)
     unet = diffusers_unet().eval()
     unet.load_state_dict(snapshot["state_dict"])
-    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000)
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type=algorithm)
     g, out = torch.Generator().manual_seed(seed), []
     for i in range(0, n, batch_size):
         scheduler.set_timesteps(nfe)
         x = torch.randn(min(batch_size, n - i), 1, 8, 8, generator=g)
         for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+            x = scheduler.step(unet(x, t).sample, t, x, generator=g).prev_sample
         out.append(x.clamp(-1, 1))
     return torch.cat(out), snapshot["step"]
 
@@ -187,6 +193,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000, help="samples per score")
     p.add_argument("--fid-at", default="", help="also score the first k samples (e.g. 500,1000) and extrapolate")
     p.add_argument("--nfe", default="20,50", help="network evaluations per sample")
+    p.add_argument("--seeds", default="0", help="independent draws of --n samples per score (their mean FID is reported)")
     p.add_argument("--sampler", default="dpmsolver++", help="our sampler (at its default spacing)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--bf16-sampling", action="store_true", help="sample ours and theirs under bf16 autocast (faster on a bf16 CPU)")
@@ -208,26 +215,31 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     if not args.skip_training:
         train_all(levers, minutes[-1], out_dir, args.base, args.jobs, args.threads, custom)
+    seeds = [int(v) for v in args.seeds.split(",")]
     fid_at = sorted({int(k) for k in args.fid_at.split(",") if k} | {args.n}) if args.fid_at else [args.n]
     evaluator = SampleEvaluator(digits_split("val")[0], floor_real=digits_split("train")[0], metrics=("fid",))
     rows = []
     for lever in levers:
         for minute, path in sorted(snapshots(lever, out_dir / lever, minutes).items()):
             for nfe in (int(v) for v in args.nfe.split(",")):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16_sampling):
-                    if lever in DIFFUSERS:
-                        x, step = sample_diffusers(path, args.n, nfe, 0, args.batch_size)
-                    else:
-                        x, step = sample_ours(path, args.n, nfe, args.sampler, 0, args.batch_size)
-                scores = {k: evaluator(x[:k].float()) for k in fid_at}
-                row = {"lever": lever, "minutes": minute, "step": step, "nfe": nfe, "n": args.n,
-                       "fid": scores[args.n]["fid"], "fid_floor": scores[args.n]["fid_floor"]}  # fmt: skip
+                draws = []
+                for seed in seeds:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16_sampling):
+                        if lever in DIFFUSERS:
+                            x, step = sample_diffusers(path, args.n, nfe, seed, args.batch_size, DIFFUSERS_ALGORITHM.get(args.sampler, "dpmsolver++"))
+                        else:
+                            x, step = sample_ours(path, args.n, nfe, args.sampler, seed, args.batch_size)
+                    draws.append({k: evaluator(x[:k].float()) for k in fid_at})
+                fids = [d[args.n]["fid"] for d in draws]
+                row = {"lever": lever, "minutes": minute, "step": step, "nfe": nfe, "n": args.n, "seeds": seeds,
+                       "fid": statistics.mean(fids), "fid_draws": fids, "fid_floor": draws[0][args.n]["fid_floor"]}  # fmt: skip
                 row["ratio"] = row["fid"] / row["fid_floor"]
                 if len(fid_at) > 1:
-                    row["fid_inf"] = fid_infinity({k: s["fid"] for k, s in scores.items()})
+                    row["fid_inf"] = statistics.mean(fid_infinity({k: s["fid"] for k, s in d.items()}) for d in draws)
                 rows.append(row)
                 extra = f"  FID_inf {row['fid_inf']:6.2f}" if "fid_inf" in row else ""
-                print(f"{lever:15s} {minute:5.2f} min  step {step:5d}  NFE {nfe:3d}:  FID {row['fid']:6.2f} / floor "
+                spread = f" (sd {statistics.stdev(fids):4.2f} over {len(fids)} draws)" if len(fids) > 1 else ""
+                print(f"{lever:15s} {minute:5.2f} min  step {step:5d}  NFE {nfe:3d}:  FID {row['fid']:6.2f}{spread} / floor "
                       f"{row['fid_floor']:5.2f} = {row['ratio']:4.2f}x{extra}", flush=True)  # fmt: skip
     out = Path(args.out) if args.out else out_dir / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)

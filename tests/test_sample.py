@@ -69,7 +69,7 @@ def test_metrics_json(ckpt: Path, tmp_path: Path) -> None:
         assert math.isfinite(m[key]), key
     assert m["bpd"] > 0 and m["fid"] > m["fid_floor"] > 0  # 8 training steps: far from the data
     assert m["n"] == m["n_samples"] == 16 and m["n_reference"] == 359 and m["bpd_n"] == 359 and m["bpd_timesteps"] == 10
-    assert m["sampler"] == "dpmsolver++" and m["steps"] == 5 and m["ckpt"] == str(ckpt) and "kid" not in m
+    assert m["sampler"] == "dpmsolver++sde" and m["steps"] == 5 and m["ckpt"] == str(ckpt) and "kid" not in m
     assert m["spacing"] == "karras" and m["network_evaluations"] == 5
     assert (out / "samples.npz").is_file() and "fid_floor" not in proc.stderr and "fid" in proc.stdout  # the table
 
@@ -138,7 +138,7 @@ def test_conditional_learned_variance_run_samples_labels(tmp_path: Path) -> None
         ("batch_size=0", "batch_size=0 is invalid: expected an integer >= 1"),
         ("metrics_bpd_timesteps=0", "metrics_bpd_timesteps=0 is invalid"),
         ("extractor=resnet", "extractor='resnet' is invalid: expected digits or inception"),
-        ("+sampler_options.s_tmax=1", "sampler_options.s_tmax=1 is invalid: expected an option of sampler dpmsolver++: none"),
+        ("+sampler_options.s_churn=1", "sampler_options.s_churn=1 is invalid: expected an option of sampler dpmsolver++sde: s_tmax (default inf)"),
     ],
 )
 def test_check_sample_names_the_key(override: str, named: str, tmp_path: Path) -> None:
