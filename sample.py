@@ -28,7 +28,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ddpm.config import check_sample_run, clean_errors, resolve_ckpt, run_cli
+from ddpm.config import check_sample_run, clean_errors, job_number, resolve_ckpt, run_cli
 from ddpm.errors import ConfigError
 from ddpm.schema import check, is_int
 
@@ -150,7 +150,7 @@ def write_metrics(cfg, module, ckpt, x, metrics, evaluator, heldout, bpd_t, extr
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    with clean_errors(run_dir=HydraConfig.get().runtime.output_dir):
+    with clean_errors(run_dir=HydraConfig.get().runtime.output_dir, job=job_number()):
         sample(cfg)
 
 

@@ -29,16 +29,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.config import clean_errors, run_cli
+from ddpm import runlock
+from ddpm.config import check_train_run, clean_errors, job_number, print_config_tree, run_cli
 from ddpm.errors import ConfigError
 
 EXIT_NONFINITE = 3
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Instantiate data, module, callbacks, logger and trainer from `cfg`, fit, and return the last val/loss."""
+    """Instantiate data, module, callbacks, logger and trainer from `cfg`, fit, and return the last value of
+    `cfg.optimized_metric` (val/loss by default), what a sweeper such as Optuna minimises."""
     import lightning.pytorch as pl
 
+    check_train_run(cfg)  # also run by the Validate callback before a single run's dir exists; a sweep's jobs check here
+    if cfg.get("print_config") and runlock.is_global_rank_zero():
+        print_config_tree(cfg)
     run_dir = Path(cfg.paths.run_dir)
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -49,6 +54,7 @@ def train(cfg: DictConfig) -> float | None:
                               "one device, or hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=<devices>")  # fmt: skip
     from ddpm.callbacks import CompileTime, NonFiniteError
     from ddpm.checkpoints import AtomicCheckpointIO, resume_checkpoint
+    from ddpm.loggers import build_loggers
     from ddpm.sample_callbacks import SampleGrid, check_monitored_checkpoints
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -74,7 +80,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.compile:
         module.compile_unet(**OmegaConf.to_container(cfg.compile_options))
         callbacks.append(CompileTime())
-    loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") and cfg.logger.get("_target_") else []
+    loggers = build_loggers(cfg)
     if not loggers:  # logger=none: nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     strategy = cfg.trainer.strategy  # a name ("fsdp") or a node (_target_: ...FSDPStrategy), as conf/hardware/fsdp.yaml
@@ -126,13 +132,13 @@ def train(cfg: DictConfig) -> float | None:
         grid = next((c.last_path for c in callbacks if isinstance(c, SampleGrid) and c.last_path is not None), None)
         if grid is not None:
             print(f"last sample grid: {grid}")
-    val_loss = trainer.callback_metrics.get("val/loss")
-    return None if val_loss is None else float(val_loss)
+    value = trainer.callback_metrics.get(cfg.get("optimized_metric") or "val/loss")  # checked to be one the run logs
+    return None if value is None else float(value)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with clean_errors(run_dir=HydraConfig.get().runtime.output_dir):
+    with clean_errors(run_dir=HydraConfig.get().runtime.output_dir, job=job_number()):
         return train(cfg)
 
 

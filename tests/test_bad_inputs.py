@@ -57,7 +57,6 @@ CASES = [
     train("norm_groups", "model.norm_groups=5", named=("model.norm_groups=5", "divisor of model.base_channels=16")),
     train("attention", "model.attention_resolutions=[3]", named=("model.attention_resolutions=[3]", "subset of [8, 4]")),
     train("root_required", "data=folder", named=("data.root is required",)),
-    Case("sweep_job", "train.py", ("-m", *FAST, "module.lr=-1,1e-3"), named=("module.lr=-1", "expected a number > 0")),
     train("ckpt_path", "ckpt_path={tmp}/none.ckpt", named=("ckpt_path={tmp}/none.ckpt", "no such file")),
     # data
     train("folder_missing", "data=folder", "data.root={tmp}/missing", named=("data.root={tmp}/missing", "no such folder")),

@@ -53,6 +53,9 @@ def test_train_writes_run_dir(schedule: str, trained_run: Path, tmp_path: Path) 
         out = train(run_dir, f"schedule={schedule}", "threads=auto", "module.timestep_sampling=uniform").stdout
         assert f"run dir: {run_dir}" in out and "last sample grid:" in out
         assert "cpu threads: 1 (threads=auto, OMP_NUM_THREADS=1; threads=N sets it)" in out  # the tests' environment
+        tree = out[: out.index("run dir:")]  # the composed config, resolved, printed as a tree first
+        assert tree.lstrip().startswith("config") and "name: cosine" in tree and "timestep_sampling: uniform" in tree
+        assert tree.index("data") < tree.index("model") < tree.index("module") < tree.index("trainer")
     ckpt = check_run(run_dir)
     assert ckpt["hyper_parameters"]["schedule"] == schedule
     m = metrics(run_dir)

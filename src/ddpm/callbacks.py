@@ -14,11 +14,14 @@ SIGTERM (its signal connector raises `SIGTERMException` at the end of the curren
 first Ctrl-C into the same stop; `NonFiniteGuard` stops training at a non-finite loss and refuses to save
 a checkpoint whose state is not finite, so the last good checkpoint stays.
 
-`CompileTime` reports what torch.compile cost (train.py compile=true). Sample grids and evaluation during
+`RunRecord` keeps `<run dir>/run.json`, what ddpm.report summarizes. `CompileTime` reports what torch.compile cost (train.py compile=true). Sample grids and evaluation during
 training, which draw from `ema_module`, are callbacks too: ddpm.sample_callbacks.
 """
 from __future__ import annotations
 
+import json
+import math
+import os
 import signal
 import threading
 import time
@@ -34,6 +37,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ddpm.checkpoints import checkpoint_problem
 from ddpm.errors import ConfigError
+from ddpm.report import RECORD, write_json
 
 
 class EMA(WeightAveraging):
@@ -279,3 +283,89 @@ class CompileTime(Callback):
             print(f"torch.compile: {self.seconds:.1f} s (first training step {first:.1f} s, second {second:.3f} s)")
             for logger in trainer.loggers:
                 logger.log_metrics({"perf/compile_s": self.seconds}, step=trainer.global_step)
+
+
+def _scalar(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):  # a tensor of more than one element
+        return None
+    return v if math.isfinite(v) else None
+
+
+class RunRecord(Callback):
+    """Keep `<run dir>/run.json` up to date (rank 0): status, step, wall time, last values and history of every
+    logged scalar. Listed after the evaluation callback, so an evaluation step's `val/*` metrics are seen in it.
+    Reads the logged values every `trainer.log_every_n_steps` steps (one host sync then), never in between."""
+
+    def __init__(self, dirpath: str | os.PathLike) -> None:
+        self.path = Path(dirpath) / RECORD
+        self.record: dict[str, Any] = {}
+        self._seen: dict[str, int] = {}  # metric -> id() of the value tensor last recorded
+        self._start = 0.0
+        self._wall_before = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        step = trainer.global_step  # the resumed step (0 for a fresh run): the loops are restored by now
+        history = {k: [p for p in v if p[0] <= step] for k, v in previous.get("history", {}).items()}
+        self._wall_before = previous.get("wall_s", 0.0) if step else 0.0
+        self._start = time.time()
+        self.record = {"status": "running", "error": None, "step": step, "wall_s": self._wall_before,
+                       "started": previous.get("started") if step else None, "pid": os.getpid(),
+                       "last": {k: v[-1][1] for k, v in history.items() if v}, "history": history}  # fmt: skip
+        self.record["started"] = self.record["started"] or time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._save(trainer)
+
+    def _take(self, trainer: pl.Trainer, prefixes: tuple[str, ...], only_new: bool) -> bool:
+        step, taken = trainer.global_step, False
+        for name, value in trainer.callback_metrics.items():
+            if not name.startswith(prefixes) or (only_new and self._seen.get(name) == id(value)):
+                continue
+            v = _scalar(value)
+            self._seen[name] = id(value)
+            if v is None:
+                continue
+            series = self.record["history"].setdefault(name, [])
+            if series and series[-1][0] == step:
+                series[-1] = [step, v]
+            else:
+                series.append([step, v])
+            self.record["last"][name] = v
+            taken = True
+        return taken
+
+    def _save(self, trainer: pl.Trainer, status: str | None = None, error: str | None = None) -> None:
+        if status:
+            self.record["status"], self.record["error"] = status, error
+        self.record["step"] = trainer.global_step
+        self.record["wall_s"] = round(self._wall_before + time.time() - self._start, 2)
+        self.record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, self.record)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._take(trainer, ("train/", "lr"), only_new=False)
+            self._take(trainer, ("val/",), only_new=True)  # an evaluation at this step
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking and self.record:
+            if self._take(trainer, ("val/",), only_new=True):
+                self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.record:
+            self._take(trainer, ("train/", "lr"), only_new=False)
+            self._take(trainer, ("val/",), only_new=True)
+            self._save(trainer, "finished")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero and self.record:
+            stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+            self._save(trainer, "stopped" if stopped else "failed", None if stopped else f"{type(exception).__name__}: {exception}".splitlines()[0])

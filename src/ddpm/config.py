@@ -171,18 +171,21 @@ def _holds_only(folder: Path, names: set[str]) -> bool:
         return False
 
 
-def remove_if_empty_run(run_dir: Path) -> None:
+def remove_if_empty_run(run_dir: Path, sweep_job: bool = False) -> None:
     """Delete a run dir that holds nothing but what Hydra wrote at start-up (.hydra/, <job>.log) and this process's
     lock file (ddpm.runlock, held until exit): no half-made runs.
 
-    Then the sweep dir above it when it holds only Hydra's multirun.yaml (and the sweep's lock file), and the
-    `<date>` folder when it is empty; never a folder of the user's, nor a run dir another live process locks (a run
-    refused because the dir is in use never gets here).
+    Then, unless it is a job of a sweep that goes on (`sweep_job`), the sweep dir above it when it holds only
+    Hydra's multirun.yaml (and the sweep's lock file), and the `<date>` folder when it is empty; never a folder
+    of the user's, nor a run dir another live process locks (a run refused because the dir is in use never gets
+    here).
     """
     job = HydraConfig.get().job.name if HydraConfig.initialized() else None
     if not run_dir.is_dir() or not _holds_only(run_dir, {".hydra", f"{job}.log", runlock.LOCK_NAME}) or runlock.held_by_another(run_dir):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
+    if sweep_job:  # the sweep goes on, and its dir keeps the failed job's record
+        return
     parent = run_dir.parent
     if (parent / "multirun.yaml").is_file() and _holds_only(parent, {"multirun.yaml", runlock.LOCK_NAME}):
         shutil.rmtree(parent, ignore_errors=True)
@@ -219,12 +222,30 @@ def run_cli(main: Callable[[], Any]) -> None:
         sys.exit(2)
 
 
+class JobFailed(ConfigError):
+    """A job of a `-m` sweep ended on a configuration or data error (`reason`). Hydra records the job as failed and
+    runs the sweep's other jobs; at the end it raises the first failure, which run_cli reports in one line (exit
+    status 2). Optuna's sweeper records it as a failed trial and goes on."""
+
+    def __init__(self, job: int, reason: str) -> None:
+        super().__init__(f"job {job} of the sweep failed: {reason} (every job: the sweep dir's summary.md)")
+        self.reason = reason
+
+
+def job_number() -> int | None:
+    """The job number inside a `-m` sweep's job; None in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.num if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else None
+
+
 @contextlib.contextmanager
-def clean_errors(run_dir: str | os.PathLike | None = None) -> Iterator[None]:
+def clean_errors(run_dir: str | os.PathLike | None = None, job: int | None = None) -> Iterator[None]:
     """Turn configuration and data errors into `error: <message>` on stderr and exit status 2.
 
-    `run_dir`: removed on such an error when it holds only Hydra's start-up files. Bugs keep their traceback,
-    and so does everything when HYDRA_FULL_ERROR=1.
+    `run_dir`: removed on such an error when it holds only Hydra's start-up files. `job`: the job number in a
+    `-m` sweep, where the error is printed as `job <n> failed: <message>` and raised as JobFailed, so the sweep goes
+    on. Bugs keep their traceback, and so does everything when HYDRA_FULL_ERROR=1.
     """
     try:
         yield
@@ -233,9 +254,27 @@ def clean_errors(run_dir: str | os.PathLike | None = None) -> Iterator[None]:
         if message is None or _full_error():
             raise
         if run_dir is not None:
-            remove_if_empty_run(Path(run_dir))
+            remove_if_empty_run(Path(run_dir), sweep_job=job is not None)
+        if job is not None:
+            print(f"job {job} failed: {message}", file=sys.stderr)
+            raise JobFailed(job, message) from None
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def print_config_tree(cfg: DictConfig, first: tuple[str, ...] = ("data", "model", "schedule", "module", "trainer", "callbacks", "logger")) -> None:
+    """The composed config as a rich tree on stdout: the groups in `first`, then the other keys, each resolved."""
+    from rich import print as rich_print
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    keys = [k for k in first if k in cfg] + [k for k in cfg if k not in first]
+    for key in keys:
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=True) if OmegaConf.is_config(value) else str(value)
+        tree.add(key).add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
+    rich_print(tree)
 
 
 def check_train_run(cfg: DictConfig) -> None:
@@ -258,8 +297,8 @@ def check_sample_run(cfg: DictConfig) -> None:
 class Validate(Callback):
     """Hydra callback: check the composed config before Hydra writes anything (`hydra.callbacks.validate` in the YAML).
 
-    A single run is checked before its run dir exists; each job of a sweep (`-m module.lr=1e-3,-1`) before it runs,
-    and the job dir Hydra made for it is removed. Hydra turns an exception raised by a callback into a warning
+    A single run is checked before its run dir exists; each job of a sweep (`-m module.lr=1e-3,-1`) by the task
+    when it starts (a refused job is failed, its job dir removed, and the sweep goes on). Hydra turns an exception raised by a callback into a warning
     and carries on, so a bad value ends the process here (clean_errors: one line, exit status 2).
     `check`: "train" or "sample".
 
@@ -294,12 +333,11 @@ class Validate(Callback):
             runlock.release(config.hydra.sweep.dir)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.mode == RunMode.MULTIRUN:
-            if self.lock:  # each job locks its own dir (the sweep dir above is this sweep's), first: a refusal removes nothing
-                with clean_errors():
-                    runlock.acquire(config.hydra.runtime.output_dir, resume=bool(config.get("resume")))
-            with clean_errors(run_dir=config.hydra.runtime.output_dir):
-                self.check(config)
+        """In a sweep each job locks its own dir (the sweep dir above is this sweep's); its values are checked by
+        the task itself (train.py, sample.py), where a refusal fails that job and not the sweep."""
+        if config.hydra.mode == RunMode.MULTIRUN and self.lock:  # first: a refusal removes nothing
+            with clean_errors():
+                runlock.acquire(config.hydra.runtime.output_dir, resume=bool(config.get("resume")))
 
     def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.lock and config.hydra.mode == RunMode.MULTIRUN:

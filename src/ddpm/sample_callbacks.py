@@ -37,7 +37,7 @@ from torch import Tensor
 from ddpm.callbacks import EMA, ema_module
 from ddpm.errors import ConfigError
 from ddpm.evaluation import SAMPLE_METRICS, build_evaluator, datamodule_images, dataset_images, dataset_labels, validate_metrics
-from ddpm.images import make_grid, save_grid
+from ddpm.images import make_grid, save_grid, to_uint8
 from ddpm.metrics import Metric
 from ddpm.samplers import SAMPLERS
 
@@ -160,10 +160,14 @@ class _EveryNSteps(Callback, ABC):
             self.run(trainer, pl_module)
 
 
+TABLE_COLUMNS = ("step", "sampler", "steps", "guidance_scale", "label", "image")  # SampleGrid's W&B Table
+
+
 class SampleGrid(_EveryNSteps):
     """Every `every_n_steps` optimizer steps and at the end of training, draw a fixed-seed grid of `n` samples from the
     EMA weights on every rank, write `<default_root_dir>/samples/step_<6-digit step>.png` on global rank 0 and log it to
-    the loggers that take images (W&B). `last_path`: the last grid written (rank 0).
+    the loggers that take images (W&B: the grid as `samples`, and each image as a row of the Table `sample_table`).
+    `last_path`: the last grid written (rank 0).
 
     Args:
         every_n_steps: optimizer steps between grids (0: none, not even at the end).
@@ -209,7 +213,20 @@ class SampleGrid(_EveryNSteps):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger
                 logger.log_image(key="samples", images=[make_grid(images)], step=step, caption=[f"step {step}"])
+            if hasattr(logger, "log_table"):  # WandbLogger: one row per image, to filter and compare across steps
+                logger.log_table(key="sample_table", columns=list(TABLE_COLUMNS), data=self.table_rows(module, images, step), step=step)
         return path
+
+    def table_rows(self, module: pl.LightningModule, images: Tensor, step: int) -> list[list[Any]]:
+        """Rows of TABLE_COLUMNS for a W&B Table: the step, sampler, steps, guidance scale (1: the grid is conditional
+        on its labels without guidance), the label (None for an unconditional model) and the image."""
+        import wandb
+
+        classes = getattr(getattr(module, "unet", None), "num_classes", None)
+        labels = [i % classes if classes else None for i in range(len(images))]
+        pixels = to_uint8(images)  # (B, H, W, C)
+        return [[step, self.sampler, self.steps, 1.0, label, wandb.Image(img[..., 0] if img.shape[-1] == 1 else img)]
+                for label, img in zip(labels, pixels)]  # fmt: skip
 
 
 def _evaluated_metric(monitor: str | None) -> str | None:
