@@ -15,7 +15,7 @@ first k samples of every draw and extrapolates to infinite n (ddpm.metrics.fid_i
 evaluations for K timesteps, so it runs at K = (NFE + 1) // 2. For a class-conditional checkpoint,
 `--guidance` lists scales s (0: unconditional, 1: conditional, > 1: stronger); each draws n samples
 of labels 0..9 in turn and reports how often the digits classifier agrees with the requested label.
-Writes a JSON of every figure and a plot (needs matplotlib: pip install -e .[bench]).
+Writes a JSON of every figure and a plot (matplotlib).
 """
 from __future__ import annotations
 
@@ -162,14 +162,11 @@ def fid_means(rows: list[dict], at: str | None = None) -> list[tuple[str, int, f
 
 def plot(results: dict, path: str) -> None:
     """digits-FID against network evaluations, one line per sampler, with the DDPM reference, its +10% and the floor."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e .[bench]): no plot")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     seeds = {r.get("seed", 0) for r in results["fid"]}
     panels = [(None, f"digits-FID of {results['n']} samples")]
     if "fid_at" in results["fid"][0]:

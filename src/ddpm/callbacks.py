@@ -301,7 +301,7 @@ class RunRecord(Callback):
     def __init__(self, dirpath: str | os.PathLike) -> None:
         self.path = Path(dirpath) / RECORD
         self.record: dict[str, Any] = {}
-        self._seen: dict[str, int] = {}  # metric -> id() of the value tensor last recorded
+        self._seen: dict[str, Any] = {}  # metric -> the value object last recorded (held, so a new one is never the same object)
         self._start = 0.0
         self._wall_before = 0.0
 
@@ -322,10 +322,10 @@ class RunRecord(Callback):
     def _take(self, trainer: pl.Trainer, prefixes: tuple[str, ...], only_new: bool) -> bool:
         step, taken = trainer.global_step, False
         for name, value in trainer.callback_metrics.items():
-            if not name.startswith(prefixes) or (only_new and self._seen.get(name) == id(value)):
+            if not name.startswith(prefixes) or (only_new and self._seen.get(name) is value):
                 continue
             v = _scalar(value)
-            self._seen[name] = id(value)
+            self._seen[name] = value
             if v is None:
                 continue
             series = self.record["history"].setdefault(name, [])
