@@ -41,7 +41,8 @@ def train(cfg: DictConfig) -> float | None:
     `cfg.optimized_metric` (val/loss by default), what a sweeper such as Optuna minimises."""
     import lightning.pytorch as pl
 
-    check_train_run(cfg)  # also run by the Validate callback before a single run's dir exists; a sweep's jobs check here
+    if job_number() is not None:  # a single run was checked by the Validate callback before its dir existed
+        check_train_run(cfg)
     if cfg.get("print_config") and runlock.is_global_rank_zero():
         print_config_tree(cfg)
     run_dir = Path(cfg.paths.run_dir)
