@@ -8,8 +8,10 @@
 
     python sample.py ckpt=outputs/runs/cond class_label=3 guidance_scale=3   # class-conditional: only 3s
 
+    python sample.py ckpt=outputs/runs/demo metrics=[fid] wandb=true       # + a W&B run in the training run's group
+
 Options: conf/sample.yaml (sampler, steps, spacing, eta, class_label, guidance_scale, n, batch_size, seed, use_ema, device, out_dir,
-metrics, metrics_bpd_timesteps, extractor, inception_weights).
+metrics, metrics_bpd_timesteps, extractor, inception_weights, wandb).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ GRID_MAX = 256  # grid.png shows at most this many samples; samples.npz holds al
 
 def sample(cfg: DictConfig) -> Path:
     """Load the checkpoint named by cfg.ckpt, draw cfg.n samples in batches, write samples.npz and grid.png;
-    with cfg.metrics, score them (metrics.json and a table)."""
+    with cfg.metrics, score them (metrics.json and a table); with cfg.wandb, log the grid and scores to W&B."""
     from tqdm.auto import tqdm
 
     from ddpm.checkpoints import load_module
@@ -112,15 +114,35 @@ def sample(cfg: DictConfig) -> Path:
     grid = save_grid(x[:GRID_MAX], out_dir / "grid.png")
     print(f"samples: {npz}  {tuple(x.shape)}")
     print(f"grid: {grid}")
+    results = None
     if metrics:
         bpd_labels = val_labels if module.conditional else None  # a conditional model is scored on the images' own labels
-        write_metrics(cfg, module, path, x, metrics, evaluator, (val_images, bpd_labels), bpd_t, extractor, out_dir, device, evaluations, spacing)
+        results = write_metrics(cfg, module, path, x, metrics, evaluator, (val_images, bpd_labels), bpd_t, extractor, out_dir, device, evaluations, spacing)
+    if cfg.get("wandb"):
+        log_wandb(cfg, path, step, out_dir, grid, results)
     return out_dir
 
 
-def write_metrics(cfg, module, ckpt, x, metrics, evaluator, heldout, bpd_t, extractor, out_dir, device, evaluations, spacing) -> Path:
+def log_wandb(cfg: DictConfig, ckpt: Path, step: int, out_dir: Path, grid: Path, results: dict | None) -> None:
+    """A W&B run (ddpm.loggers.sample_wandb_run) with the grid as `samples` and each numeric score as `sample/<name>`,
+    in its history and summary; the checkpoint's training step as `trainer/global_step`."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    from ddpm.loggers import sample_wandb_run
+
+    config = OmegaConf.to_container(cfg, resolve=True) | {"step": step}
+    run = sample_wandb_run(ckpt, out_dir, "eval" if results else "sample", config)
+    scores = {f"sample/{k}": v for k, v in (results or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    caption = f"step {step}, {cfg.sampler} {cfg.steps or 'all'} steps"
+    run.log({"samples": wandb.Image(str(grid), caption=caption), "trainer/global_step": step, **scores})
+    run.finish()
+    print(f"W&B: run {run.id} ({run.settings.mode}) in group {run.group}, {out_dir / 'wandb'}")
+
+
+def write_metrics(cfg, module, ckpt, x, metrics, evaluator, heldout, bpd_t, extractor, out_dir, device, evaluations, spacing) -> dict:
     """Score samples x: the SampleEvaluator's metrics and held-out bits/dim; write metrics.json (with the sampler,
-    its steps and spacing, and the network evaluations per sample), print the table."""
+    its steps and spacing, and the network evaluations per sample), print the table; return the results."""
     from ddpm.metrics import heldout_bits_per_dim, print_metrics_table
 
     results: dict = {}
@@ -145,7 +167,7 @@ def write_metrics(cfg, module, ckpt, x, metrics, evaluator, heldout, bpd_t, extr
     out.write_text(json.dumps(results, indent=2) + "\n")
     print_metrics_table(results, title=f"{cfg.n} samples, {cfg.sampler} {results['steps']} steps, {evaluations} evaluations")
     print(f"metrics: {out}")
-    return out
+    return results
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

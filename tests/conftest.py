@@ -19,7 +19,7 @@ FAST = ["debug=fast"]  # model=tiny, T=100, 8 steps, grids and checkpoints every
 def _env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
-    env.update(WANDB_CACHE_DIR=str(tmp / ".wandb_cache"), WANDB_CONFIG_DIR=str(tmp / ".wandb_config"))
+    env.update(WANDB_CACHE_DIR=str(tmp / ".wandb_cache"), WANDB_CONFIG_DIR=str(tmp / ".wandb_config"), WANDB_DATA_DIR=str(tmp / ".wandb_data"))
     env.pop("WANDB_DIR", None)
     return env
 
@@ -65,3 +65,28 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("XDG_CACHE_HOME")
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records (wandb.proto.wandb_internal_pb2.Record) of an offline W&B run's .wandb file: a 7-byte
+    `:W&B` header, then LevelDB's log format, 32 KiB blocks of chunks [crc32c 4][length 2, little-endian][type 1],
+    type 1 a whole record, 2/3/4 its first/middle/last part; a block's tail under 7 bytes is padding."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block, pos = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", path
+    records, pending = [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if left < 7 or kind == 0:  # padding to the block's end
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, _env, run_script, train
+from conftest import ROOT, _env, run_script, train, wandb_records
 
 from ddpm.report import summarize
 
@@ -30,8 +30,9 @@ def test_multirun_two_schedules_two_wandb_runs(tmp_path: Path) -> None:
         for key in (b"train/loss", b"val/loss", b"train/loss_q1", b"lr"):
             assert key in log, key
         # grouped by the sweep (its dir's name, being outside outputs/multirun), typed, tagged; the id kept in the run dir
-        for key in (sweep.name.encode(), b"nightly", b"digits", b"train"):
-            assert key in log, key
+        (header,) = [r.run for r in wandb_records(run / f"run-{run.name.rsplit('-', 1)[-1]}.wandb") if r.HasField("run")]
+        assert (header.run_group, header.job_type, list(header.tags)) == (sweep.name, "train", ["nightly", "digits"])
+        assert (job / "wandb" / "group").read_text().strip() == sweep.name
         assert (job / "wandb" / "run_id").read_text().strip() == run.name.rsplit("-", 1)[-1]
         assert list((run / "files" / "media" / "images").glob("samples_*.png"))
         tables = sorted((run / "files" / "media" / "table").glob("sample_table_*.table.json"))
@@ -119,6 +120,37 @@ def test_resume_continues_the_same_wandb_run(tmp_path: Path) -> None:
     assert ids == {(run_dir / "wandb" / "run_id").read_text().strip()}
     record = json.loads((run_dir / "run.json").read_text())
     assert record["step"] == 12 and record["status"] == "finished" and [p[0] for p in record["history"]["val/loss"]] == [4, 8, 12]
+
+
+def one_wandb_run(wandb_dir: Path) -> list:
+    """The records of the one offline W&B run in `wandb_dir`."""
+    (run,) = wandb_dir.glob("offline-run-*")
+    return wandb_records(run / f"run-{run.name.rsplit('-', 1)[-1]}.wandb")
+
+
+def test_checkpoint_artifacts_and_a_sample_run_in_the_training_group(tmp_path: Path) -> None:
+    """logger.log_model=true (W&B online, here kept offline by WANDB_MODE for `wandb sync`) logs the run's
+    checkpoints as `model` artifacts at the end; `sample.py ... metrics=[fid] wandb=true` logs its grid and scores
+    as a run of job_type eval in the training run's group, with the training run's tags and id."""
+    run_dir = tmp_path / "run"
+    train(run_dir, "logger=wandb", "logger.offline=false", "logger.log_model=true", "tags=[lm]")
+    train_id = (run_dir / "wandb" / "run_id").read_text().strip()
+    records = one_wandb_run(run_dir / "wandb")
+    artifacts = [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == "model"]
+    assert {json.loads(a.metadata)["original_filename"] for a in artifacts} == {"last.ckpt", "step_000008.ckpt"}
+    assert all(a.name == f"model-{train_id}" and [c.path for c in a.manifest.contents] == ["model.ckpt"] for a in artifacts)
+    out = tmp_path / "samples"
+    proc = run_script("sample.py", f"ckpt={run_dir}", "n=32", "metrics=[fid]", "wandb=true", f"out_dir={out}")
+    records = one_wandb_run(out / "wandb")
+    (header,) = [r.run for r in records if r.HasField("run")]
+    assert (header.run_group, header.job_type, list(header.tags)) == ("run", "eval", ["lm"])
+    config = {u.key: json.loads(u.value_json) for u in header.config.update}
+    assert config["train_run_id"] == train_id and config["step"] == 8 and config["n"] == 32
+    logged = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for r in records if r.HasField("history") for i in r.history.item}
+    scores = json.loads((out / "metrics.json").read_text())
+    assert logged["sample/fid"] == scores["fid"] and logged["sample/fid_floor"] == scores["fid_floor"] and logged["trainer/global_step"] == 8
+    assert logged["samples/_type"] == "image-file" and len(list((out / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))) == 1
+    assert "in group run" in proc.stdout
 
 
 def test_optuna_search_returns_the_optimized_metric(tmp_path: Path) -> None:

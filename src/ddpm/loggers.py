@@ -1,5 +1,6 @@
-"""The run's logger from `cfg.logger`, and for W&B the run's identity: its sweep as the group, and a run id kept in
-the run dir, so `resume=true` continues the same W&B run instead of starting another."""
+"""The run's logger from `cfg.logger`, and for W&B the run's identity: its sweep (or the run itself) as the group,
+and a run id kept in the run dir, so `resume=true` continues the same W&B run instead of starting another; and
+sample.py's W&B run, of job_type sample or eval, in the group of the run that trained its checkpoint."""
 from __future__ import annotations
 
 import os
@@ -15,20 +16,27 @@ from omegaconf import DictConfig
 from ddpm.runlock import is_global_rank_zero
 
 WANDB_RUN_ID = Path("wandb") / "run_id"  # in the run dir
+WANDB_GROUP = Path("wandb") / "group"  # in the run dir: the group sample.py's runs of its checkpoints join
+
+
+def run_group(run_dir: Path, below: str) -> str:
+    """A dir's path below `below` (outputs/runs/2026-12-02/10-00-00 -> 2026-12-02/10-00-00), or its name when
+    it lies elsewhere."""
+    rel = os.path.relpath(Path(run_dir).resolve(), Path(below).resolve())
+    return Path(run_dir).resolve().name if rel.startswith("..") else Path(rel).as_posix()
 
 
 def sweep_group() -> str | None:
     """In a `-m` sweep, its dir below outputs/multirun (e.g. 2026-12-02/10-00-00, or the sweep's name); else None."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    sweep = Path(HydraConfig.get().sweep.dir)
-    rel = os.path.relpath(sweep, "outputs/multirun")
-    return sweep.name if rel.startswith("..") else Path(rel).as_posix()
+    return run_group(Path(HydraConfig.get().sweep.dir), "outputs/multirun")
 
 
 def wandb_identity(run_dir: Path, resume: bool, group: str | None, name: str | None) -> dict[str, Any]:
     """WandbLogger's `id` (read from the run dir when resuming, else new and written there), `resume="allow"`,
-    and `group`: as configured, else the sweep, else the run's name."""
+    and `group` (written there too): as configured, else the sweep, else the run's name, else its dir below
+    outputs/runs."""
     path = run_dir / WANDB_RUN_ID
     if resume and path.is_file():
         run_id = path.read_text().strip()
@@ -36,7 +44,9 @@ def wandb_identity(run_dir: Path, resume: bool, group: str | None, name: str | N
         run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], as W&B's own ids are short lowercase strings
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")
-    return {"id": run_id, "resume": "allow", "group": group or sweep_group() or name}
+    group = group or sweep_group() or name or run_group(run_dir, "outputs/runs")
+    (run_dir / WANDB_GROUP).write_text(group + "\n")
+    return {"id": run_id, "resume": "allow", "group": group}
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
@@ -48,3 +58,48 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     if cfg.logger._target_.endswith("WandbLogger") and is_global_rank_zero():
         extra = wandb_identity(Path(cfg.paths.run_dir), bool(cfg.resume), cfg.logger.get("group"), cfg.get("name"))
     return [hydra.utils.instantiate(cfg.logger, **extra)]
+
+
+def training_logger(run_dir: Path) -> dict[str, Any]:
+    """What the run in `run_dir` logged to W&B: project, offline, group, run id, name and tags, from its composed
+    config (<run dir>/.hydra/config.yaml) and its wandb/ files; W&B's defaults (project ddpm, offline, the run dir
+    as the group) where the run kept none, e.g. a run trained with logger=csv."""
+    from omegaconf import OmegaConf
+
+    config = run_dir / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(config) if config.is_file() else OmegaConf.create({})
+
+    def value(key: str, default: Any) -> Any:  # interpolations that need Hydra's runtime resolve to the default
+        found = OmegaConf.select(cfg, key, default=default, throw_on_resolution_failure=False)
+        return default if found is None else found
+
+    def read(path: Path) -> str | None:
+        return (run_dir / path).read_text().strip() if (run_dir / path).is_file() else None
+
+    wandb = str(value("logger._target_", "")).endswith("WandbLogger")
+    return {
+        "project": value("logger.project", "ddpm") if wandb else "ddpm",
+        "offline": bool(value("logger.offline", True)) if wandb else True,
+        "group": read(WANDB_GROUP) or value("name", None) or run_group(run_dir, "outputs/runs"),
+        "id": read(WANDB_RUN_ID),
+        "name": value("name", None),
+        "tags": list(value("tags", [])),
+    }
+
+
+def sample_wandb_run(ckpt: Path, out_dir: Path, job_type: str, config: dict[str, Any]) -> Any:
+    """A W&B run for sample.py's grid and scores beside the run that trained `ckpt` (<run dir>/checkpoints/*.ckpt):
+    the same project, group, tags and mode (offline unless that run logged online; then WANDB_MODE decides),
+    `job_type` sample or eval, the training run's id and dir in its config; its files go to `out_dir`/wandb.
+    A run of its own rather than the training run resumed: that run may still be training, and two processes
+    cannot write one W&B run."""
+    import wandb
+
+    run_dir = Path(ckpt).resolve().parent.parent
+    train = training_logger(run_dir)
+    (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=train["project"], group=train["group"], job_type=job_type, tags=train["tags"] or None,
+        name=f"{train['name'] or train['group']}-{job_type}", dir=str(out_dir), mode="offline" if train["offline"] else None,
+        config={**config, "train_run_id": train["id"], "train_run_dir": str(run_dir)},
+    )  # fmt: skip

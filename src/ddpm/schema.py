@@ -94,6 +94,7 @@ class SampleSchema:
     metrics_bpd_timesteps: Optional[int] = None
     extractor: str = "digits"
     inception_weights: Optional[str] = None
+    wandb: bool = False
 
 
 _store = ConfigStore.instance()
