@@ -9,9 +9,14 @@
     python sample.py ckpt=outputs/runs/cond class_label=3 guidance_scale=3   # class-conditional: only 3s
 
     python sample.py ckpt=outputs/runs/demo metrics=[fid] wandb=true       # + a W&B run in the training run's group
+    python sample.py ckpt=outputs/runs/demo samples=old/samples.npz metrics=[fid,precision,recall]   # score a file
+
+    python sample.py ckpt=outputs/runs/demo init=my_digits/ strength=0.5    # edit images (docs/editing.md): SDEdit,
+    python sample.py ckpt=outputs/runs/demo init=samples.npz mask=right     # inpainting,
+    python sample.py ckpt=outputs/runs/demo interpolate=8 n=4 sampler=ddim  # interpolation
 
 Options: conf/sample.yaml (sampler, steps, spacing, eta, class_label, guidance_scale, n, batch_size, seed, use_ema, device, out_dir,
-metrics, metrics_bpd_timesteps, extractor, inception_weights, wandb).
+metrics, metrics_bpd_timesteps, extractor, inception_weights, samples, init, strength, mask, resample, interpolate, wandb).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import numpy as np
@@ -31,17 +37,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ddpm.config import check_sample_run, clean_errors, job_number, resolve_ckpt, run_cli
-from ddpm.errors import ConfigError
+from ddpm.errors import ConfigError, first_line
 from ddpm.schema import check, is_int
 
 GRID_MAX = 256  # grid.png shows at most this many samples; samples.npz holds all n
+SDEDIT_STRENGTH = 0.8  # init= without mask or strength: noise to t = 0.8 T (diffusers' image-to-image default)
 
 
 def sample(cfg: DictConfig) -> Path:
     """Load the checkpoint named by cfg.ckpt, draw cfg.n samples in batches, write samples.npz and grid.png;
     with cfg.metrics, score them (metrics.json and a table); with cfg.wandb, log the grid and scores to W&B."""
-    from tqdm.auto import tqdm
-
     from ddpm.checkpoints import load_module
     from ddpm.evaluation import build_evaluator, run_dir_images, validate_metrics
     from ddpm.images import save_grid
@@ -75,6 +80,12 @@ def sample(cfg: DictConfig) -> Path:
         label_cycle = torch.tensor(wanted, device=device)
     check("steps", cfg.steps, cfg.steps is None or (is_int(cfg.steps) and 1 <= cfg.steps <= T), f"null or an integer in [1, {T}] (the checkpoint's T)")
     check("metrics_bpd_timesteps", bpd_t, bpd_t is None or (is_int(bpd_t) and 1 <= bpd_t <= T), f"null (all T) or an integer in [1, {T}]")
+    scored = None
+    if cfg.get("samples"):  # score an existing file: nothing is drawn
+        if not metrics:
+            raise ConfigError(f"samples={cfg.samples} scores an existing samples file: name the scores, e.g. metrics=[fid,kid,precision,recall]")
+        scored = read_samples(cfg.samples, module.image_shape)
+    plan = edit_plan(cfg, module, label_cycle, device) if scored is None else None
     evaluator, val_images, val_labels = None, None, None
     if metrics:  # the reference data and the extractor, before sampling: a missing weights file fails now
         val_images, train_images, dataset, val_labels = run_dir_images(path, module.image_shape, key="metrics")
@@ -86,34 +97,22 @@ def sample(cfg: DictConfig) -> Path:
         print("note: the checkpoint has no EMA weights; sampling the live weights")
     timesteps = module.diffusion.sampling_timesteps(cfg.sampler, cfg.steps, cfg.spacing)
     evaluations = network_evaluations(cfg.sampler, len(timesteps))
+    if cfg.get("resample", 1) > 1:  # RePaint repeats every ancestral step but the last
+        evaluations = (len(timesteps) - 1) * cfg.resample + 1
     spacing = cfg.spacing or DEFAULT_SPACING[cfg.sampler]
-    print(f"checkpoint: {path} ({'EMA' if ema else 'live'} weights, step {step}), {cfg.sampler} {len(timesteps)} steps "
-          f"({spacing} spacing, timesteps {int(timesteps[0])}..{int(timesteps[-1])}): {evaluations} network evaluations per sample")
-
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples, labels = [], []
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # one stream over all batches
-    batches = range(0, cfg.n, cfg.batch_size)
-    for start in tqdm(batches, desc="batches", disable=len(batches) == 1):
-        b = min(cfg.batch_size, cfg.n - start)
-        y = label_cycle[torch.arange(start, start + b, device=device) % len(label_cycle)] if label_cycle is not None else None
-        x = module.sample(
-            b, cfg.sampler, cfg.steps, eta=cfg.eta, labels=y, progress=True, generator=generator,
-            guidance_scale=cfg.guidance_scale, spacing=cfg.spacing, sampler_options=dict(cfg.sampler_options),
-        )  # fmt: skip
-        samples.append(x.float().cpu())
-        if y is not None:
-            labels.append(y.cpu())
-    x = torch.cat(samples)  # (n, C, H, W) in [-1, 1]
-    arrays = {"samples": x.numpy().astype(np.float32)}
-    if labels:
-        arrays["labels"] = torch.cat(labels).numpy()
-    npz = out_dir / "samples.npz"
-    np.savez(npz, **arrays)
-    grid = save_grid(x[:GRID_MAX], out_dir / "grid.png")
-    print(f"samples: {npz}  {tuple(x.shape)}")
-    print(f"grid: {grid}")
+    if scored is not None:
+        x = scored
+        grid = save_grid(x[:GRID_MAX], out_dir / "grid.png")
+        print(f"checkpoint: {path} (step {step}), for the reference data and bits/dim; samples: {cfg.samples} {tuple(x.shape)}")
+    else:
+        print(f"checkpoint: {path} ({'EMA' if ema else 'live'} weights, step {step}), {cfg.sampler} {len(timesteps)} steps "
+              f"({spacing} spacing, timesteps {int(timesteps[0])}..{int(timesteps[-1])}): {evaluations} network evaluations per sample")
+        if plan.x_init is not None or plan.frames:
+            print(describe(cfg, plan))
+        x, labels = draw(cfg, module, plan, device)
+        grid = write_samples(x, labels, out_dir, nrow=plan.frames)
     results = None
     if metrics:
         bpd_labels = val_labels if module.conditional else None  # a conditional model is scored on the images' own labels
@@ -121,6 +120,117 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.get("wandb"):
         log_wandb(cfg, path, step, out_dir, grid, results)
     return out_dir
+
+
+class EditPlan(NamedTuple):
+    """What draw() makes: n samples with these starting noises (or None: drawn), images to edit, labels."""
+
+    n: int
+    noise: torch.Tensor | None  # (n, C, H, W): x_T of every sample (interpolation), else drawn from the seed
+    x_init: torch.Tensor | None  # (n, C, H, W): the images edited (SDEdit, inpainting), else None
+    mask: torch.Tensor | None  # (1, 1, H, W): 1 where generated
+    strength: float
+    labels: torch.Tensor | None  # (n,) for a class-conditional model
+    frames: int | None  # interpolation: frames per pair, one grid row each
+
+
+def edit_plan(cfg: DictConfig, module, label_cycle: torch.Tensor | None, device: torch.device) -> EditPlan:
+    """The samples sample.py draws: cfg.n from noise; or one per image of cfg.init (SDEdit with cfg.strength,
+    inpainting with cfg.mask); or, with cfg.interpolate = K, K frames between two noises for each of cfg.n
+    pairs, or between the DDIM encodings of each pair of init images (images 0 and 1, 2 and 3, ...)."""
+    from ddpm.edit_inputs import build_mask, read_init
+    from ddpm.samplers import slerp
+
+    x_init = read_init(cfg.init, module.image_shape).to(device) if cfg.get("init") else None
+    mask = build_mask(cfg.mask, module.image_shape).to(device) if cfg.get("mask") else None
+    strength = cfg.get("strength")
+    if strength is None:  # SDEdit's default for init= alone; inpainting and plain sampling start from x_T
+        strength = SDEDIT_STRENGTH if x_init is not None and mask is None else 1.0
+    K = cfg.get("interpolate")
+    pairs = cfg.n if x_init is None else len(x_init)
+    if K and x_init is not None:
+        check("init", cfg.init, len(x_init) % 2 == 0, f"an even number of images with interpolate= (pairs: 0 and 1, 2 and 3, ...); it holds {len(x_init)}")
+        pairs = len(x_init) // 2
+    n = pairs * K if K else pairs
+    rows = torch.arange(n, device=device) // (K or 1)
+    labels = label_cycle[rows % len(label_cycle)] if label_cycle is not None else None
+    if not K:
+        return EditPlan(n, None, x_init, mask, strength, labels, None)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if x_init is None:
+        ends = torch.randn(2, pairs, *module.image_shape, generator=generator, device=device)
+    else:  # each image's x_T by DDIM inversion over the sampler's steps
+        pair_labels = None if labels is None else labels[::K].repeat_interleave(2)
+        ends = module.diffusion.ddim_invert(
+            module.unet, x_init, cfg.steps, cfg.spacing, model_kwargs=None if pair_labels is None else {"y": pair_labels},
+        ).view(pairs, 2, *module.image_shape).transpose(0, 1)  # fmt: skip
+    weights = torch.linspace(0, 1, K, device=device)
+    noise = torch.stack([slerp(ends[0], ends[1], float(w)) for w in weights], dim=1).flatten(0, 1)  # (pairs * K, ...)
+    return EditPlan(n, noise, None, None, 1.0, labels, K)
+
+
+def describe(cfg: DictConfig, plan: EditPlan) -> str:
+    """One line on what is edited or interpolated."""
+    if plan.frames:
+        source = f"the DDIM encodings of {plan.n // plan.frames} pair(s) of {cfg.init}" if cfg.get("init") else f"{plan.n // plan.frames} pair(s) of noises"
+        return f"interpolation: {plan.frames} frames between {source}, one grid row per pair"
+    what = f"inpainting (mask={cfg.mask}" + (f", resample={cfg.resample}" if cfg.get("resample", 1) > 1 else "") + ")" if plan.mask is not None else "SDEdit"
+    return f"{what}: {plan.n} image(s) of {cfg.init}, strength {plan.strength:g} (from t < {plan.strength:g} T)"
+
+
+def draw(cfg: DictConfig, module, plan: EditPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """plan.n samples (n, C, H, W) in [-1, 1] on the CPU, drawn in batches of cfg.batch_size from one generator
+    seeded with cfg.seed, and their labels for a class-conditional model."""
+    from tqdm.auto import tqdm
+
+    def rows(t: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+        return None if t is None else t[start:end]
+
+    samples = []
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # one stream over all batches
+    options = dict(cfg.sampler_options) | ({"resample": cfg.resample} if cfg.get("resample", 1) > 1 else {})
+    batches = range(0, plan.n, cfg.batch_size)
+    for start in tqdm(batches, desc="batches", disable=len(batches) == 1):
+        end = min(start + cfg.batch_size, plan.n)
+        x = module.sample(
+            end - start, cfg.sampler, cfg.steps, eta=cfg.eta, labels=rows(plan.labels, start, end), progress=True,
+            generator=generator, guidance_scale=cfg.guidance_scale, spacing=cfg.spacing, sampler_options=options,
+            noise=rows(plan.noise, start, end), x_init=rows(plan.x_init, start, end), strength=plan.strength, mask=plan.mask,
+            clip_denoised=not (plan.frames and cfg.get("init")),  # decoding DDIM inversions: as unclipped as they were encoded
+        )  # fmt: skip
+        samples.append(x.float().cpu())
+    return torch.cat(samples), None if plan.labels is None else plan.labels.cpu()
+
+
+def write_samples(x: torch.Tensor, labels: torch.Tensor | None, out_dir: Path, nrow: int | None = None) -> Path:
+    """samples.npz (`samples` float32 NCHW in [-1, 1] and `labels`; the same images as guided-diffusion's evaluator
+    reads them, `arr_0` uint8 NHWC and `arr_1` labels) and grid.png of the first GRID_MAX; returns the grid."""
+    from ddpm.images import save_grid, to_uint8
+
+    arrays = {"samples": x.numpy().astype(np.float32), "arr_0": to_uint8(x)}
+    if labels is not None:
+        arrays["labels"] = arrays["arr_1"] = labels.numpy()
+    npz = out_dir / "samples.npz"
+    np.savez(npz, **arrays)
+    grid = save_grid(x[: GRID_MAX - GRID_MAX % nrow] if nrow else x[:GRID_MAX], out_dir / "grid.png", nrow=nrow)
+    print(f"samples: {npz}  {tuple(x.shape)}")
+    print(f"grid: {grid}")
+    return grid
+
+
+def read_samples(path: str, image_shape: tuple[int, int, int]) -> torch.Tensor:
+    """The images of a samples file (ddpm.images.read_npz), refused in one line unless they are the model's shape."""
+    from ddpm.images import read_npz
+
+    if not Path(path).is_file():
+        raise ConfigError(f"samples={path}: no such file; expected a samples.npz (`samples` float NCHW in [-1, 1], or `arr_0` uint8 NHWC)")
+    try:
+        x, _ = read_npz(path)
+    except (ValueError, OSError) as e:  # numpy raises these for a file that is not an npz
+        raise ConfigError(f"samples={path} cannot be scored: {first_line(e)}") from e
+    if tuple(x.shape[1:]) != tuple(image_shape):
+        raise ConfigError(f"samples={path} holds {tuple(x.shape[1:])} images; the checkpoint's model makes {tuple(image_shape)} (C, H, W)")
+    return x
 
 
 def log_wandb(cfg: DictConfig, ckpt: Path, step: int, out_dir: Path, grid: Path, results: dict | None) -> None:
@@ -134,7 +244,7 @@ def log_wandb(cfg: DictConfig, ckpt: Path, step: int, out_dir: Path, grid: Path,
     config = OmegaConf.to_container(cfg, resolve=True) | {"step": step}
     run = sample_wandb_run(ckpt, out_dir, "eval" if results else "sample", config)
     scores = {f"sample/{k}": v for k, v in (results or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    caption = f"step {step}, {cfg.sampler} {cfg.steps or 'all'} steps"
+    caption = f"{cfg.samples} (scored)" if cfg.get("samples") else f"step {step}, {cfg.sampler} {cfg.steps or 'all'} steps"
     run.log({"samples": wandb.Image(str(grid), caption=caption), "trainer/global_step": step, **scores})
     run.finish()
     print(f"W&B: run {run.id} ({run.settings.mode}) in group {run.group}, {out_dir / 'wandb'}")
@@ -158,14 +268,17 @@ def write_metrics(cfg, module, ckpt, x, metrics, evaluator, heldout, bpd_t, extr
             )  # fmt: skip
         results["bpd_n"] = len(val_images)
         results["bpd_timesteps"] = bpd_t or module.diffusion.num_timesteps
-    results.update(
-        n=cfg.n, sampler=cfg.sampler, steps=cfg.steps or module.diffusion.num_timesteps, spacing=spacing,
-        network_evaluations=evaluations, ckpt=str(ckpt),
-        extractor=extractor if evaluator is not None else None, metrics=list(metrics),
-    )  # fmt: skip
+    if cfg.get("samples"):  # a scored file: what drew it is not known here
+        results.update(n=len(x), samples=str(cfg.samples), ckpt=str(ckpt))
+        title = f"{len(x)} samples of {cfg.samples}"
+    else:
+        results.update(n=cfg.n, sampler=cfg.sampler, steps=cfg.steps or module.diffusion.num_timesteps, spacing=spacing,
+                       network_evaluations=evaluations, ckpt=str(ckpt))  # fmt: skip
+        title = f"{cfg.n} samples, {cfg.sampler} {results['steps']} steps, {evaluations} evaluations"
+    results.update(extractor=extractor if evaluator is not None else None, metrics=list(metrics))
     out = out_dir / "metrics.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print_metrics_table(results, title=f"{cfg.n} samples, {cfg.sampler} {results['steps']} steps, {evaluations} evaluations")
+    print_metrics_table(results, title=title)
     print(f"metrics: {out}")
     return results
 

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -77,6 +78,22 @@ CASES = [
     sample("eta", "ckpt={ckpt}", "eta=2", named=("eta=2", "[0, 1]")),
     sample("sampler", "ckpt={ckpt}", "sampler=euler", named=("sampler='euler'", "ddim")),
     sample("metrics", "ckpt={ckpt}", "metrics=[fid,fud]", named=("metrics=", "fud")),
+    # a samples file to score
+    sample("samples_no_metrics", "ckpt={ckpt}", "samples={tmp}/rgb.npz", named=("samples={tmp}/rgb.npz", "metrics=[")),
+    sample("samples_missing", "ckpt={ckpt}", "samples={tmp}/none.npz", "metrics=[fid]", named=("samples={tmp}/none.npz", "no such file")),
+    sample("samples_not_npz", "ckpt={ckpt}", "samples={tmp}/notes.ckpt", "metrics=[fid]", named=("samples={tmp}/notes.ckpt", "cannot be scored")),
+    sample("samples_keys", "ckpt={ckpt}", "samples={tmp}/keys.npz", "metrics=[fid]", named=("holds ['images']", "`arr_0` (uint8 NHWC)")),
+    sample("samples_shape", "ckpt={ckpt}", "samples={tmp}/rgb.npz", "metrics=[fid]", named=("(3, 32, 32) images", "makes (1, 8, 8)")),
+    # editing images
+    sample("mask_without_init", "ckpt={ckpt}", "mask=right", named=("mask=right", "init=PATH")),
+    sample("strength_range", "ckpt={ckpt}", "init={tmp}/rgb.npz", "strength=1.5", named=("strength=1.5", "[0, 1]")),
+    sample("resample_sampler", "ckpt={ckpt}", "init={tmp}/rgb.npz", "mask=left", "resample=4", named=("resample=4", "sampler=ddpm")),
+    sample("interpolate_stochastic", "ckpt={ckpt}", "interpolate=4", named=("interpolate=4", "deterministic sampler", "heun")),
+    sample("init_missing", "ckpt={ckpt}", "init={tmp}/none.png", named=("init={tmp}/none.png", "no such file or folder")),
+    sample("init_shape", "ckpt={ckpt}", "init={tmp}/rgb.npz", named=("init={tmp}/rgb.npz", "(3, 32, 32) images")),
+    sample("init_empty_folder", "ckpt={ckpt}", "init={tmp}/empty", named=("init={tmp}/empty", "no readable image")),
+    sample("mask_unknown", "ckpt={ckpt}", "init={tmp}/digits.npz", "mask=middle", named=("mask=middle", "left | right | top | bottom | center")),
+    sample("interpolate_odd", "ckpt={ckpt}", "init={tmp}/digits.npz", "sampler=ddim", "interpolate=3", named=("init=", "even number", "holds 3")),
 ]
 
 
@@ -89,6 +106,9 @@ def make_inputs(tmp: Path, ckpt: Path) -> None:
     Image.new("RGB", (32, 32), (200, 10, 10)).save(junk / "cut.png")
     (junk / "cut.png").write_bytes((junk / "cut.png").read_bytes()[:40])
     (tmp / "notes.ckpt").write_text("not a checkpoint")
+    np.savez(tmp / "rgb.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    np.savez(tmp / "keys.npz", images=np.zeros((4, 1, 8, 8), np.float32))
+    np.savez(tmp / "digits.npz", arr_0=np.zeros((3, 8, 8, 1), np.uint8))
     (tmp / "cut.ckpt").write_bytes(ckpt.read_bytes()[:4096])
     edits = {
         "newer": lambda c: c["hyper_parameters"].update(attention_type="flash"),

@@ -34,6 +34,8 @@ from ddpm.metrics import (
     evaluate_samples,
     fid_infinity,
     heldout_bits_per_dim,
+    knn_radii,
+    precision_recall,
     print_metrics_table,
 )
 
@@ -129,6 +131,54 @@ def test_more_samples_than_floor_images_reports_the_floor_size(val, train, tmp_p
 
 
 # ---- classifier scores --------------------------------------------------------------------------
+
+
+# ---- improved precision and recall (Kynkaanniemi et al. 2019) ------------------------------------
+
+
+def test_knn_radius_is_the_kth_neighbour_excluding_itself():
+    """Points 0, 1, 3, 7 on a line: the 1st/2nd/3rd neighbour distances of 0 are 1, 3, 7; of 3: 2, 3, 4."""
+    x = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    assert knn_radii(x, k=1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(x, k=3).tolist() == [7.0, 6.0, 4.0, 7.0]
+    with pytest.raises(MetricsSetupError, match="more than k = 3"):
+        knn_radii(x[:3], k=3)
+
+
+def test_precision_recall_closed_forms():
+    """The same set: both 1; a subset of the real set: precision 1; a set far from the real one: both 0."""
+    real = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real, real[:50])[0] == 1.0
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
+
+
+def test_precision_recall_see_mode_dropping_and_blur():
+    """Real: two far-apart Gaussian clusters of 1000. Samples of one cluster only keep precision (> 0.9) and
+    lose half the recall (0.5 +- 0.05); samples spread far wider than the data (5x the scale, covering both)
+    keep recall high (> 0.9) and lose precision (< 0.3)."""
+    g = torch.Generator().manual_seed(1)
+    centers = torch.zeros(2, 4)
+    centers[1, 0] = 50.0
+    real = torch.cat([torch.randn(1000, 4, generator=g) + c for c in centers])
+    one_mode = torch.randn(1000, 4, generator=g) + centers[0]
+    precision, recall = precision_recall(real, one_mode)
+    assert precision > 0.9 and abs(recall - 0.5) < 0.05, (precision, recall)
+    spread = torch.randn(2000, 4, generator=g) * torch.tensor([25.0, 5.0, 5.0, 5.0]) + centers.mean(0)
+    precision, recall = precision_recall(real, spread)
+    assert precision < 0.3 and recall > 0.9, (precision, recall)
+
+
+def test_precision_recall_of_real_digits_reach_their_floors(evaluator, val, train, tmp_path):
+    """Disjoint real digits score as their floors (real images again: about 0.9, with a spread of 0.01-0.02 over
+    draws) within 0.06; uniform noise falls far below both (about 0.1)."""
+    pr = SampleEvaluator(val[0], train[0], metrics=("precision", "recall"), cache_dir=tmp_path)
+    real = pr(real_subset(train, 300, seed=11))
+    assert set(real) >= {"precision", "recall", "precision_floor", "recall_floor", "precision_floor_std"}
+    assert abs(real["precision"] - real["precision_floor"]) < 0.06 and abs(real["recall"] - real["recall_floor"]) < 0.06
+    assert real["precision_floor"] > 0.85 and real["recall_floor"] > 0.85, real
+    noise = pr(torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert noise["precision"] < 0.25 and noise["recall"] < 0.25, noise
 
 
 def test_classifier_scores_closed_forms():
@@ -254,10 +304,10 @@ def test_inception_without_weights_names_file_place_and_key(monkeypatch, no_netw
 def test_unknown_names_list_the_choices(val):
     with pytest.raises(MetricsSetupError, match="digits, inception"):
         build_extractor("clip")
-    with pytest.raises(MetricsSetupError, match="fid, kid, confidence, coverage"):
+    with pytest.raises(MetricsSetupError, match="fid, kid, precision, recall, confidence, coverage"):
         SampleEvaluator(val[0], metrics=("fid", "is"))
     assert check_metrics(["fid", "kid", "bpd"]) == ("fid", "kid", "bpd")
-    with pytest.raises(MetricsSetupError, match="unknown metric.*fdi.*fid, kid, confidence, coverage, bpd"):
+    with pytest.raises(MetricsSetupError, match="unknown metric.*fdi.*fid, kid, precision, recall, confidence, coverage, bpd"):
         check_metrics(["fdi", "bpd"])
 
 

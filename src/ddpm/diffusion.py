@@ -495,6 +495,9 @@ class GaussianDiffusion(nn.Module):
         noise: Tensor | None = None,
         spacing: Spacing | None = None,
         sampler_options: dict | None = None,
+        x_init: Tensor | None = None,
+        strength: float = 1.0,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """Generate x_0 of `shape` from x_T ~ N(0, I) by the reverse process; returns values in [-1, 1].
 
@@ -508,21 +511,76 @@ class GaussianDiffusion(nn.Module):
         `generator` makes the result deterministic; `noise` gives x_T explicitly. Device: `device`,
         else the generator's, else this module's buffers'; the module itself is never moved (sampling on
         another device, or over fewer steps, runs on a respaced copy of the process).
+
+        Editing images `x_init` (`shape`, in [-1, 1]):
+        - SDEdit (Meng et al. 2022): `strength` s < 1 keeps only the sampler's timesteps below s T, noises x_init
+          to the highest of them with q(x_t | x_0) (eq. 4, with `noise` or a draw as eps) and runs the sampler
+          from there; s = 0 returns x_init, s = 1 starts from x_T ~ N(0, I) as plain sampling does.
+        - Inpainting (RePaint, Lugmayr et al. 2022): `mask` (broadcastable to `shape`) is 1 where pixels are
+          generated, 0 where x_init is kept; after every step the kept pixels are replaced by x_init noised to
+          that step, and at the end by x_init itself, so the kept region of the result is x_init exactly.
+          sampler "ddpm" with sampler_options {"resample": U} repeats each step U times (RePaint's resampling).
         """
         kept = self.sampling_timesteps(sampler, steps, spacing)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        if (mask is not None or strength < 1.0) and x_init is None:
+            raise ValueError("strength < 1 and mask edit images: pass them as x_init")
+        if x_init is not None:
+            kept = kept[kept < strength * self.num_timesteps]  # SDEdit: the steps below t = strength T
+            if len(kept) == 0:
+                return x_init.clamp(-1.0, 1.0)
         device = torch.device(device if device is not None else generator.device if generator is not None else self.betas.device)
         if len(kept) == self.num_timesteps and self.betas.device == device:
             diffusion = self
         else:  # a new process on `device`: this module stays where it is
             diffusion = self.respace(kept).to(device)
         x = noise.to(device).float() if noise is not None else torch.randn(shape, generator=generator, device=device)
+        options = dict(sampler_options or {})
+        if x_init is not None:
+            x_init = x_init.to(device).float()
+            if strength < 1.0:
+                x = diffusion.q_sample(x_init, self._step(x, len(kept) - 1), noise=x)
+            if mask is not None:
+                options["replace"] = self._keeper(diffusion, x_init, mask.to(device).float(), generator)
         x = samplers.SAMPLERS[sampler](
             diffusion, model, x, generator=generator, eta=eta, progress=progress,
-            model_kwargs=model_kwargs, clip_denoised=clip_denoised, **(sampler_options or {}),
+            model_kwargs=model_kwargs, clip_denoised=clip_denoised, **options,
         )
         return x.clamp(-1.0, 1.0)
+
+    @staticmethod
+    def _step(x: Tensor, i: int) -> Tensor:
+        return torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+
+    @classmethod
+    def _keeper(cls, diffusion: GaussianDiffusion, x_init: Tensor, mask: Tensor, generator: torch.Generator | None) -> Callable[[Tensor, int], Tensor]:
+        """The `replace` of inpainting: the kept pixels (mask 0) of x at step i become x_init noised to step i
+        of `diffusion` (q(x_t | x_0), a fresh draw each time), or x_init itself at i = -1."""
+
+        def replace(x: Tensor, i: int) -> Tensor:
+            if i < 0:
+                known = x_init
+            else:
+                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                known = diffusion.q_sample(x_init, cls._step(x, i), noise=eps)
+            return torch.where(mask > 0.5, x, known)
+
+        return replace
+
+    @torch.no_grad()
+    def ddim_invert(
+        self, model: Model, x0: Tensor, steps: int | None = None, spacing: Spacing | None = None,
+        model_kwargs: dict | None = None, progress: bool = False,
+    ) -> Tensor:
+        """x_T of data x0 by DDIM inversion (ddpm.samplers.ddim_invert) over the `steps` timesteps that sampler
+        "ddim" visits (placed by `spacing`); `sample(..., sampler="ddim", eta=0, noise=x_T, clip_denoised=False)`
+        with the same steps and spacing decodes it back."""
+        kept = self.sampling_timesteps("ddim", steps, spacing)
+        diffusion = self if len(kept) == self.num_timesteps else self.respace(kept).to(self.betas.device)
+        return samplers.ddim_invert(diffusion, model, x0.to(self.betas.device), model_kwargs=model_kwargs, progress=progress)
 
     # ---- likelihood -----------------------------------------------------------------------------
 

@@ -41,3 +41,31 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, nrow=nrow).save(path)
     return path
+
+
+def from_uint8(pixels: np.ndarray) -> torch.Tensor:
+    """(B, H, W, C) uint8 in [0, 255] -> (B, C, H, W) float32 in [-1, 1]; the inverse of `to_uint8` on its outputs."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def read_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images (N, C, H, W) float32 in [-1, 1], labels (N,) or None) from a samples file: this project's
+    (`samples` float (N, C, H, W) in [-1, 1], `labels`) or guided-diffusion's (`arr_0` uint8 (N, H, W, C),
+    class labels in `arr_1`). Raises ValueError naming what the file holds when it is neither."""
+    with np.load(path, allow_pickle=False) as f:
+        keys = list(f.keys())
+        if "samples" in f:
+            images, labels = f["samples"], f["labels"] if "labels" in f else None
+            if images.ndim != 4 or images.dtype.kind != "f":
+                raise ValueError(f"its `samples` is {images.dtype} {images.shape}; expected float (N, C, H, W) in [-1, 1]")
+            if images.size and (images.min() < -1.001 or images.max() > 1.001):
+                raise ValueError(f"its `samples` lie in [{images.min():.3g}, {images.max():.3g}]; expected [-1, 1]")
+            images = torch.from_numpy(images.astype(np.float32))
+        elif "arr_0" in f:
+            images, labels = f["arr_0"], f["arr_1"] if "arr_1" in f else None
+            if images.ndim != 4 or images.dtype != np.uint8:
+                raise ValueError(f"its `arr_0` is {images.dtype} {images.shape}; expected uint8 (N, H, W, C)")
+            images = from_uint8(images)
+        else:
+            raise ValueError(f"it holds {keys or 'no arrays'}; expected `samples` (float NCHW) or `arr_0` (uint8 NHWC)")
+    return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))

@@ -22,6 +22,11 @@ Protocol (`SampleEvaluator`, `evaluate_samples`):
   (default ~/.cache/ddpm/ref_stats), in a file named by dataset, split, extractor (with its weights'
   digest) and sample count, plus a fingerprint of the images; so an evaluation during training
   costs the extractor's pass over the generated samples only.
+- precision / recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for Assessing
+  Generative Models"): the features of a set span a manifold, the union of balls around each feature with
+  the radius of its k-th nearest neighbour in the set (k = 3); precision is the fraction of samples inside
+  the manifold of R (fidelity), recall the fraction of R inside the manifold of the samples (diversity).
+  Their floors are the same scores of n real images.
 - confidence: mean top-class probability of the digits classifier on the samples; coverage: entropy
   of the predicted-class histogram divided by log(10) (1 = every digit equally often). Their `_real`
   keys hold the same scores on R. Both are meaningful for digits data only.
@@ -47,8 +52,11 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from ddpm.digits_classifier import WEIGHTS_PATH, DigitsFeatures, load_digits_classifier, weights_digest
 from ddpm.registry import registrar
 
-SampleMetric = Literal["fid", "kid", "confidence", "coverage"]  # computed by SampleEvaluator
-Metric = Literal["fid", "kid", "confidence", "coverage", "bpd"]  # bpd: heldout_bits_per_dim
+SampleMetric = Literal["fid", "kid", "precision", "recall", "confidence", "coverage"]  # computed by SampleEvaluator
+Metric = Literal["fid", "kid", "precision", "recall", "confidence", "coverage", "bpd"]  # bpd: heldout_bits_per_dim
+FEATURE_METRICS = ("fid", "kid", "precision", "recall")  # those computed on the extractor's features
+HIGHER_IS_BETTER = ("precision", "recall", "confidence", "coverage")  # the others (fid, kid, bpd) fall as samples improve
+PR_NEIGHBOURS = 3  # k of the k-NN balls of precision and recall (Kynkaanniemi et al. 2019)
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_INSTALL = "pip install -e .[inception]"
 
@@ -232,6 +240,26 @@ class _Precomputed(nn.Module):
         return features
 
 
+def knn_radii(features: Tensor, k: int = PR_NEIGHBOURS, chunk: int = 1024) -> Tensor:
+    """Each feature's distance (N,) to its k-th nearest neighbour among the others (itself excluded)."""
+    if len(features) <= k:
+        raise MetricsSetupError(f"precision/recall need more than k = {k} feature vectors per set, got {len(features)}")
+    return torch.cat([torch.cdist(features[i : i + chunk], features).kthvalue(k + 1, dim=1).values for i in range(0, len(features), chunk)])
+
+
+def manifold_fraction(query: Tensor, support: Tensor, radii: Tensor, chunk: int = 1024) -> float:
+    """The fraction of `query` rows inside the manifold of `support`: within radii[j] of some support row j."""
+    inside = [(torch.cdist(query[i : i + chunk], support) <= radii).any(dim=1) for i in range(0, len(query), chunk)]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, eq. 1-3) of features fake (n, D) against real
+    (N, D): precision = the fraction of fake inside the k-NN manifold of real, recall = of real inside fake's."""
+    real, fake = real.double(), fake.double()
+    return manifold_fraction(fake, real, knn_radii(real, k)), manifold_fraction(real, fake, knn_radii(fake, k))
+
+
 def classifier_scores(probs: Tensor) -> tuple[float, float]:
     """(confidence, coverage) of class probabilities (N, K): mean top-class probability, and the
     entropy of the argmax histogram over log K (1 = uniform over the K classes, 0 = a single class)."""
@@ -254,7 +282,7 @@ class SampleEvaluator:
             as the model's training data (same resolution and channels).
         floor_real: real images disjoint from `real` (e.g. the train split) for the floors; None splits
             `real` into two halves instead.
-        metrics: any of "fid", "kid", "confidence", "coverage" (the last two: digits only).
+        metrics: any of "fid", "kid", "precision", "recall", "confidence", "coverage" (the last two: digits only).
         extractor: a registered extractor name ("digits", "inception") or a module with `num_features`
             and `name`; `extractor_options` go to its factory (e.g. {"weights": path}).
         dataset, split, floor_split: name the cache entries; include anything that changes the images
@@ -269,7 +297,7 @@ class SampleEvaluator:
         self,
         real: Tensor,
         floor_real: Tensor | None = None,
-        metrics: Iterable[str] = ("fid", "kid", "confidence", "coverage"),
+        metrics: Iterable[str] = ("fid", "kid", "precision", "recall", "confidence", "coverage"),
         extractor: str | nn.Module = "digits",
         extractor_options: dict[str, Any] | None = None,
         dataset: str = "digits",
@@ -304,7 +332,7 @@ class SampleEvaluator:
             split, floor_split = f"{split}.half0", f"{split}.half1"
         self.n_reference, self.n_floor_set = len(real), len(floor_real)
 
-        if "fid" in self.metrics or "kid" in self.metrics:
+        if any(m in FEATURE_METRICS for m in self.metrics):
             options = extractor_options or {}
             self.extractor = build_extractor(extractor, **options) if isinstance(extractor, str) else extractor.eval()
             self.extractor.requires_grad_(False).to(self.device)
@@ -324,7 +352,7 @@ class SampleEvaluator:
         return logits.softmax(dim=1).cpu()  # (N, 10)
 
     def _distances(self, fake: Tensor) -> dict[str, float]:
-        """FID and KID of fake features (n, D) against the reference features."""
+        """FID, KID, precision and recall of fake features (n, D) against the reference features."""
         out: dict[str, float] = {}
         ref = self.ref.features.double()
         if "fid" in self.metrics:
@@ -348,10 +376,14 @@ class SampleEvaluator:
                 torch.manual_seed(self.seed)  # KID draws its subsets from the global generator
                 mean, std = kid.compute()
             out["kid"], out["kid_std"] = float(mean), float(std)
+        if "precision" in self.metrics or "recall" in self.metrics:
+            precision, recall = precision_recall(ref, fake)
+            out.update({k: v for k, v in (("precision", precision), ("recall", recall)) if k in self.metrics})
         return out
 
     def floors(self, n: int) -> dict[str, float]:
-        """fid_floor / kid_floor (mean and std over `floor_repeats` draws) of n_floor real images."""
+        """<metric>_floor and <metric>_floor_std (mean and std over `floor_repeats` draws) of n_floor real images,
+        for fid, kid, precision and recall."""
         n_floor = min(n, self.n_floor_set)
         if n_floor not in self._floors:
             repeats = 1 if n_floor == self.n_floor_set else self.floor_repeats
@@ -360,7 +392,7 @@ class SampleEvaluator:
                 idx = torch.randperm(self.n_floor_set, generator=torch.Generator().manual_seed(self.seed + r))
                 draws.append(self._distances(self.floor_set[idx[:n_floor]]))
             floors: dict[str, float] = {"n_floor": n_floor}
-            for key in ("fid", "kid"):
+            for key in FEATURE_METRICS:
                 if key in draws[0]:
                     values = torch.tensor([d[key] for d in draws], dtype=torch.float64)
                     floors[f"{key}_floor"] = float(values.mean())
@@ -441,6 +473,8 @@ def heldout_bits_per_dim(
 _TABLE_ROWS = [
     ("fid", "fid_floor", "fid_floor_std", "n_samples"),
     ("kid", "kid_floor", "kid_floor_std", "n_samples"),
+    ("precision", "precision_floor", "precision_floor_std", "n_samples"),
+    ("recall", "recall_floor", "recall_floor_std", "n_samples"),
     ("confidence", "confidence_real", None, "n_samples"),
     ("coverage", "coverage_real", None, "n_samples"),
     ("bpd", None, None, "bpd_n"),
@@ -465,7 +499,7 @@ def print_metrics_table(results: dict[str, float], title: str = "metrics", conso
         if std_key in results and results[std_key] > 0:
             ref += f" ± {results[std_key]:.2g}"
         n = str(results.get(n_key, "-"))
-        if ref_key in ("fid_floor", "kid_floor") and results.get("n_floor", results.get(n_key)) != results.get(n_key):
+        if ref_key and ref_key.endswith("_floor") and results.get("n_floor", results.get(n_key)) != results.get(n_key):
             ref += f" (n={results['n_floor']})"
         table.add_row(key, value, ref, n)
     (console or Console()).print(table)

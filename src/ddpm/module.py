@@ -90,7 +90,7 @@ class DiffusionModule(LightningModule):
             against the datamodule's val split and log `val/<metric>` and the floors (0: never); done by
             ddpm.sample_callbacks.Evaluation on every rank, as are the other eval_* settings.
         eval_n: samples per evaluation (the FID floor is computed at the same count).
-        eval_metrics: any of fid, kid, confidence, coverage, bpd (ddpm.metrics).
+        eval_metrics: any of fid, kid, precision, recall, confidence, coverage, bpd (ddpm.metrics).
         eval_extractor: FID/KID features, "digits" or "inception".
         eval_inception_weights: path of the Inception weights file (None: torch hub's cache).
         eval_bpd_timesteps: timesteps of the quick held-out bits/dim estimate (None: all T).
@@ -316,9 +316,17 @@ class DiffusionModule(LightningModule):
         guidance_scale: float = 1.0,
         spacing: str | None = None,
         sampler_options: dict | None = None,
+        noise: Tensor | None = None,
+        x_init: Tensor | None = None,
+        strength: float = 1.0,
+        mask: Tensor | None = None,
+        clip_denoised: bool = True,
     ) -> Tensor:
         """n images (n, C, H, W) in [-1, 1] from this module's weights, deterministic for `seed`
         (or drawn from `generator`, which then replaces the seed, to continue one stream over batches).
+        `noise` gives x_T; `x_init` (n images), `strength` and `mask` edit images (SDEdit, inpainting: see
+        GaussianDiffusion.sample); `clip_denoised=False` leaves the x_0 predictions unclipped (to decode DDIM
+        inversions).
 
         Conditional models get `labels` (n,), by default 0, 1, ..., num_classes - 1 repeated, and
         `guidance_scale` s (classifier-free guidance: 0 unconditional, 1 conditional, > 1 stronger).
@@ -338,7 +346,8 @@ class DiffusionModule(LightningModule):
             return self.diffusion.sample(
                 model, (n, *self.image_shape), sampler=sampler, steps=steps, eta=eta, generator=g,
                 progress=progress, model_kwargs=None if labels is None else {"y": labels.to(device)}, device=device,
-                spacing=spacing, sampler_options=sampler_options,
+                spacing=spacing, sampler_options=sampler_options, noise=noise, x_init=x_init, strength=strength, mask=mask,
+                clip_denoised=clip_denoised,
             )  # fmt: skip
         finally:
             self.unet.train(was_training)

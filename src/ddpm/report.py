@@ -76,6 +76,8 @@ def _job_number(run_dir: Path, root: Path) -> str:
 
 
 def _row(root: Path, run_dir: Path, record: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+    from ddpm.metrics import HIGHER_IS_BETTER  # here: the report's command line starts without torch until it reads a run
+
     row: dict[str, Any] = {"job": _job_number(run_dir, root), "run_dir": str(run_dir), "status": _status(record, run_dir),
                            "step": record.get("step"), "wall_min": round(record["wall_s"] / 60, 2) if "wall_s" in record else None}  # fmt: skip
     last = record.get("last", {})
@@ -86,7 +88,7 @@ def _row(root: Path, run_dir: Path, record: dict[str, Any], overrides: dict[str,
         row[name] = series[-1][1]
         if name.endswith(("_floor", "_std")):  # a reference value, not a score to rank
             continue
-        higher_is_better = name.endswith(("confidence", "coverage"))
+        higher_is_better = name.endswith(HIGHER_IS_BETTER)
         best_step, best = max(series, key=lambda p: (p[1], -p[0])) if higher_is_better else min(series, key=lambda p: (p[1], p[0]))
         row[f"{name} best"], row[f"{name} best step"] = best, best_step
     if record.get("error"):

@@ -273,7 +273,7 @@ def check_monitored_checkpoints(callbacks: Mapping[str, Callback] | Sequence[Cal
 
 class Evaluation(_EveryNSteps):
     """Every `every_n_steps` optimizer steps, and at the end of training when the last step was not one of them, score
-    `n` samples of the EMA weights against the datamodule's val split (`metrics`: fid, kid, confidence, coverage; the
+    `n` samples of the EMA weights against the datamodule's val split (`metrics`: fid, kid, precision, recall, confidence, coverage; the
     FID/KID floors at the same count) and the val split's bits/dim (`bpd`), on every rank (module docstring).
 
     Every rank sets `val/<metric>` (and `val/fid_floor`, ...) in `trainer.callback_metrics` in the same step; global
@@ -295,7 +295,7 @@ class Evaluation(_EveryNSteps):
     Args:
         every_n_steps: optimizer steps between evaluations (0: none).
         n: samples per evaluation (at least 2).
-        metrics: any of fid, kid, confidence, coverage, bpd (ddpm.metrics).
+        metrics: any of fid, kid, precision, recall, confidence, coverage, bpd (ddpm.metrics).
         extractor: FID/KID features, "digits" or "inception"; inception_weights: its weights file (None: torch hub's cache).
         bpd_timesteps: timesteps of the stratified bits/dim estimate (None: all T; capped at T).
         sampler, steps: the sampler and its number of steps (None: all T).

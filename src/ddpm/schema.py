@@ -95,6 +95,12 @@ class SampleSchema:
     extractor: str = "digits"
     inception_weights: Optional[str] = None
     wandb: bool = False
+    samples: Optional[str] = None
+    init: Optional[str] = None
+    strength: Optional[float] = None
+    mask: Optional[str] = None
+    resample: int = 1
+    interpolate: Optional[int] = None
 
 
 _store = ConfigStore.instance()
@@ -316,7 +322,7 @@ def check_sample(cfg: DictConfig) -> None:
     """sample.py's options that need no checkpoint (`steps` against T and `class_label` against the classes wait for it)."""
     from ddpm.diffusion import Spacing
     from ddpm.metrics import EXTRACTORS
-    from ddpm.samplers import SAMPLERS, sampler_options
+    from ddpm.samplers import SAMPLERS, STOCHASTIC, sampler_options
 
     _check_required(cfg, {"ckpt": "ckpt=PATH, a checkpoint file or a run dir (outputs/runs/<name>)"})
     check("ckpt", cfg.ckpt, isinstance(cfg.ckpt, str), "a checkpoint file or a run dir")
@@ -332,6 +338,9 @@ def check_sample(cfg: DictConfig) -> None:
         "seed": (is_int, "an integer"),
         "extractor": (lambda v: v in EXTRACTORS, " or ".join(sorted(EXTRACTORS))),
         "metrics_bpd_timesteps": (lambda v: v is None or (is_int(v) and v >= 1), "null (all T) or an integer >= 1"),
+        "strength": (lambda v: v is None or (_is_number(v) and 0 <= v <= 1), "null or a number in [0, 1]"),
+        "resample": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        "interpolate": (lambda v: v is None or (is_int(v) and v >= 2), "null or an integer >= 2 (frames per pair)"),
     }
     for name, (ok, accepted) in rules.items():
         if name in cfg:
@@ -342,3 +351,27 @@ def check_sample(cfg: DictConfig) -> None:
         check(f"sampler_options.{name}", value, name in known, f"an option of sampler {cfg.sampler}: {accepted}")
         if isinstance(known[name], (int, float)):
             check(f"sampler_options.{name}", value, _is_number(value), f"a number (default {known[name]})")
+    _check_editing(cfg, sorted(SAMPLERS), STOCHASTIC)
+
+
+def _check_editing(cfg: DictConfig, samplers: list[str], stochastic: set[str]) -> None:
+    """How sample.py's editing options combine: strength and mask edit the images of init; resample is
+    RePaint's, for inpainting with the ancestral sampler; interpolate needs a deterministic sampler (and DDIM,
+    whose inversion encodes them, with init); samples (scoring a file) draws nothing, so edits nothing."""
+    init, mask, strength, interpolate = cfg.get("init"), cfg.get("mask"), cfg.get("strength"), cfg.get("interpolate")
+    if cfg.get("samples") and (init or interpolate):
+        raise ConfigError(f"samples={cfg.samples} scores an existing file; init= and interpolate= draw new samples: use one or the other")
+    for key, value in (("mask", mask), ("strength", strength)):
+        if value is not None and not init:
+            raise ConfigError(f"{key}={value} edits images: give them with init=PATH (an npz, an image file or a folder of images)")
+    resample = cfg.get("resample", 1)
+    if resample > 1 and (cfg.sampler != "ddpm" or mask is None):
+        raise ConfigError(f"resample={resample} is RePaint's resampling of inpainting steps: it needs mask= and sampler=ddpm (got sampler={cfg.sampler}, mask={mask})")
+    if interpolate is None:
+        return
+    if cfg.sampler in stochastic or (cfg.sampler == "ddim" and cfg.eta > 0):
+        deterministic = ", ".join("ddim with eta=0" if s == "ddim" else s for s in samplers if s not in stochastic)
+        raise ConfigError(f"interpolate={interpolate} needs a deterministic sampler ({deterministic}), got sampler={cfg.sampler}"
+                          + (f" eta={cfg.eta}" if cfg.sampler == "ddim" else "") + ": a stochastic one draws new noise on every step")
+    if init and (cfg.sampler != "ddim" or mask is not None or strength is not None):
+        raise ConfigError(f"interpolate={interpolate} with init= encodes the images by DDIM inversion: it needs sampler=ddim, and no mask or strength")
