@@ -42,6 +42,9 @@ from ddpm.schema import check, is_int
 
 GRID_MAX = 256  # grid.png shows at most this many samples; samples.npz holds all n
 SDEDIT_STRENGTH = 0.8  # init= without mask or strength: noise to t = 0.8 T (diffusers' image-to-image default)
+# interpolate= with init=, spacing=null: karras keeps DDIM inversion below sigma 80 (up to about 50 steps), away from
+# the cosine schedule's last timesteps, whose jumps in sigma (640 to 20000 at t = 999) amplify the network's error
+INVERSION_SPACING = "karras"
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -57,9 +60,10 @@ def sample(cfg: DictConfig) -> Path:
     metrics = validate_metrics(list(metrics), key="metrics")
     extractor = cfg.get("extractor", "digits")
     bpd_t = cfg.get("metrics_bpd_timesteps")
+    rank, world = join_ranks(cfg)
     device = cfg.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
         torch.empty(0, device=device)
@@ -87,7 +91,7 @@ def sample(cfg: DictConfig) -> Path:
         scored = read_samples(cfg.samples, module.image_shape)
     plan = edit_plan(cfg, module, label_cycle, device) if scored is None else None
     evaluator, val_images, val_labels = None, None, None
-    if metrics:  # the reference data and the extractor, before sampling: a missing weights file fails now
+    if metrics and rank == 0:  # the reference data and the extractor, before sampling: a missing weights file fails now
         val_images, train_images, dataset, val_labels = run_dir_images(path, module.image_shape, key="metrics")
         evaluator = build_evaluator(
             val_images, train_images, metrics, extractor=extractor, inception_weights=cfg.get("inception_weights"),
@@ -95,11 +99,12 @@ def sample(cfg: DictConfig) -> Path:
         )  # fmt: skip
     if cfg.use_ema and not ema:
         print("note: the checkpoint has no EMA weights; sampling the live weights")
-    timesteps = module.diffusion.sampling_timesteps(cfg.sampler, cfg.steps, cfg.spacing)
+    spacing = plan.spacing if plan is not None else cfg.spacing
+    timesteps = module.diffusion.sampling_timesteps(cfg.sampler, cfg.steps, spacing)
     evaluations = network_evaluations(cfg.sampler, len(timesteps))
     if cfg.get("resample", 1) > 1:  # RePaint repeats every ancestral step but the last
         evaluations = (len(timesteps) - 1) * cfg.resample + 1
-    spacing = cfg.spacing or DEFAULT_SPACING[cfg.sampler]
+    spacing = spacing or DEFAULT_SPACING[cfg.sampler]
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if scored is not None:
@@ -111,7 +116,9 @@ def sample(cfg: DictConfig) -> Path:
               f"({spacing} spacing, timesteps {int(timesteps[0])}..{int(timesteps[-1])}): {evaluations} network evaluations per sample")
         if plan.x_init is not None or plan.frames:
             print(describe(cfg, plan))
-        x, labels = draw(cfg, module, plan, device)
+        x, labels = draw(cfg, module, plan, device, rank, world)
+        if rank > 0:  # rank 0 writes and scores what every rank drew
+            return out_dir
         grid = write_samples(x, labels, out_dir, nrow=plan.frames)
     results = None
     if metrics:
@@ -132,12 +139,14 @@ class EditPlan(NamedTuple):
     strength: float
     labels: torch.Tensor | None  # (n,) for a class-conditional model
     frames: int | None  # interpolation: frames per pair, one grid row each
+    spacing: str | None  # of the sampler's timesteps (None: its default)
 
 
 def edit_plan(cfg: DictConfig, module, label_cycle: torch.Tensor | None, device: torch.device) -> EditPlan:
     """The samples sample.py draws: cfg.n from noise; or one per image of cfg.init (SDEdit with cfg.strength,
-    inpainting with cfg.mask); or, with cfg.interpolate = K, K frames between two noises for each of cfg.n
-    pairs, or between the DDIM encodings of each pair of init images (images 0 and 1, 2 and 3, ...)."""
+    inpainting with cfg.mask); or, with cfg.interpolate = K, K frames for each of cfg.n rows, row i from the x_T of
+    plain sample i with cfg.seed to that with cfg.seed + 1, or between the DDIM encodings of each pair of init
+    images (images 0 and 1, 2 and 3, ...)."""
     from ddpm.edit_inputs import build_mask, read_init
     from ddpm.samplers import slerp
 
@@ -155,18 +164,19 @@ def edit_plan(cfg: DictConfig, module, label_cycle: torch.Tensor | None, device:
     rows = torch.arange(n, device=device) // (K or 1)
     labels = label_cycle[rows % len(label_cycle)] if label_cycle is not None else None
     if not K:
-        return EditPlan(n, None, x_init, mask, strength, labels, None)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    if x_init is None:
-        ends = torch.randn(2, pairs, *module.image_shape, generator=generator, device=device)
+        return EditPlan(n, None, x_init, mask, strength, labels, None, cfg.spacing)
+    spacing = cfg.spacing
+    if x_init is None:  # row i: from the x_T of sample i of plain sampling with cfg.seed to that of cfg.seed + 1
+        ends = torch.stack([initial_noise(seed, pairs, cfg.batch_size, module.image_shape, device) for seed in (cfg.seed, cfg.seed + 1)])
     else:  # each image's x_T by DDIM inversion over the sampler's steps
+        spacing = cfg.spacing or INVERSION_SPACING
         pair_labels = None if labels is None else labels[::K].repeat_interleave(2)
         ends = module.diffusion.ddim_invert(
-            module.unet, x_init, cfg.steps, cfg.spacing, model_kwargs=None if pair_labels is None else {"y": pair_labels},
+            module.unet, x_init, cfg.steps, spacing, model_kwargs=None if pair_labels is None else {"y": pair_labels},
         ).view(pairs, 2, *module.image_shape).transpose(0, 1)  # fmt: skip
     weights = torch.linspace(0, 1, K, device=device)
     noise = torch.stack([slerp(ends[0], ends[1], float(w)) for w in weights], dim=1).flatten(0, 1)  # (pairs * K, ...)
-    return EditPlan(n, noise, None, None, 1.0, labels, K)
+    return EditPlan(n, noise, None, None, 1.0, labels, K, spacing)
 
 
 def describe(cfg: DictConfig, plan: EditPlan) -> str:
@@ -178,28 +188,73 @@ def describe(cfg: DictConfig, plan: EditPlan) -> str:
     return f"{what}: {plan.n} image(s) of {cfg.init}, strength {plan.strength:g} (from t < {plan.strength:g} T)"
 
 
-def draw(cfg: DictConfig, module, plan: EditPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """plan.n samples (n, C, H, W) in [-1, 1] on the CPU, drawn in batches of cfg.batch_size from one generator
-    seeded with cfg.seed, and their labels for a class-conditional model."""
+def join_ranks(cfg: DictConfig) -> tuple[int, int]:
+    """(rank, world size) under torchrun (its RANK and WORLD_SIZE), after joining the process group: nccl on CUDA,
+    gloo on the CPU; (0, 1) in a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not cfg.get("out_dir"):
+        raise ConfigError(f"out_dir is required on {world} processes (torchrun): every rank must name the folder rank 0 writes")
+    if cfg.get("samples"):
+        raise ConfigError(f"samples={cfg.samples} scores a file on one process: run it without torchrun")
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of chunk `chunk` (samples chunk * batch_size onwards): from numpy's SeedSequence of (seed, chunk),
+    so chunks are independent streams and a chunk draws the same samples whichever process draws it."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
+
+
+def initial_noise(seed: int, n: int, batch_size: int, image_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The x_T (n, C, H, W) that draw() starts n plain samples from: each chunk's first draw from its generator."""
+    chunks = range(0, n, batch_size)
+    return torch.cat([
+        torch.randn(min(batch_size, n - start), *image_shape, device=device,
+                    generator=torch.Generator(device=device).manual_seed(chunk_seed(seed, c)))
+        for c, start in enumerate(chunks)
+    ])  # fmt: skip
+
+
+def draw(cfg: DictConfig, module, plan: EditPlan, device: torch.device, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """plan.n samples (n, C, H, W) in [-1, 1] on the CPU and their labels (class-conditional models), drawn in chunks
+    of cfg.batch_size, each from its own generator (chunk_seed); under torchrun rank r draws chunks r, r + world, ...
+    and rank 0 gathers them in order (other ranks get empty results), so the samples do not depend on the world size."""
     from tqdm.auto import tqdm
 
     def rows(t: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
         return None if t is None else t[start:end]
 
-    samples = []
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # one stream over all batches
     options = dict(cfg.sampler_options) | ({"resample": cfg.resample} if cfg.get("resample", 1) > 1 else {})
-    batches = range(0, plan.n, cfg.batch_size)
-    for start in tqdm(batches, desc="batches", disable=len(batches) == 1):
-        end = min(start + cfg.batch_size, plan.n)
+    chunks = list(range(0, plan.n, cfg.batch_size))
+    mine = {}
+    for c in tqdm(range(rank, len(chunks), world), desc="batches", disable=len(chunks) <= world):
+        start, end = chunks[c], min(chunks[c] + cfg.batch_size, plan.n)
+        generator = torch.Generator(device=device).manual_seed(chunk_seed(cfg.seed, c))
         x = module.sample(
             end - start, cfg.sampler, cfg.steps, eta=cfg.eta, labels=rows(plan.labels, start, end), progress=True,
-            generator=generator, guidance_scale=cfg.guidance_scale, spacing=cfg.spacing, sampler_options=options,
+            generator=generator, guidance_scale=cfg.guidance_scale, spacing=plan.spacing, sampler_options=options,
             noise=rows(plan.noise, start, end), x_init=rows(plan.x_init, start, end), strength=plan.strength, mask=plan.mask,
             clip_denoised=not (plan.frames and cfg.get("init")),  # decoding DDIM inversions: as unclipped as they were encoded
         )  # fmt: skip
-        samples.append(x.float().cpu())
-    return torch.cat(samples), None if plan.labels is None else plan.labels.cpu()
+        mine[c] = x.float().cpu()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list | None = [None] * world if rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if rank > 0:
+            return torch.empty(0), None
+        mine = {c: x for part in gathered for c, x in part.items()}
+    return torch.cat([mine[c] for c in sorted(mine)]), None if plan.labels is None else plan.labels.cpu()
 
 
 def write_samples(x: torch.Tensor, labels: torch.Tensor | None, out_dir: Path, nrow: int | None = None) -> Path:
@@ -286,7 +341,11 @@ def write_metrics(cfg, module, ckpt, x, metrics, evaluator, heldout, bpd_t, extr
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     with clean_errors(run_dir=HydraConfig.get().runtime.output_dir, job=job_number()):
-        sample(cfg)
+        try:
+            sample(cfg)
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import ROOT, run_script
+from conftest import ROOT, _env, run_script
 from ddpm.errors import ConfigError
 from ddpm.schema import check_sample
 
@@ -217,15 +219,38 @@ def test_inpainting_from_a_folder_keeps_the_left_half(ckpt: Path, tmp_path: Path
 
 
 def test_interpolation_rows_start_and_end_at_plain_samples(ckpt: Path, tmp_path: Path) -> None:
-    """interpolate=5 n=2: 10 samples, a row of 5 frames per pair of noises; the first frames are the samples
-    that plain sampling draws for n=2 with the same seed (the same noises, first of the seeded stream)."""
-    sample(tmp_path / "plain", ckpt, "n=2", "sampler=ddim")
+    """interpolate=5 n=2: 10 samples, a row of 5 frames per pair of noises; row i runs from plain sample i of
+    seed 0 to plain sample i of seed 1 (the same starting noises)."""
+    plain = {}
+    for seed in (0, 1):
+        sample(tmp_path / f"plain{seed}", ckpt, "n=2", "sampler=ddim", f"seed={seed}")
+        plain[seed] = np.load(tmp_path / f"plain{seed}" / "samples.npz")["samples"]
     sample(tmp_path / "lerp", ckpt, "n=2", "sampler=ddim", "interpolate=5")
-    plain = np.load(tmp_path / "plain" / "samples.npz")["samples"]
     frames = np.load(tmp_path / "lerp" / "samples.npz")["samples"]
     assert frames.shape == (10, 1, 8, 8)
-    np.testing.assert_allclose(frames[[0, 5]], plain, atol=1e-4)
-    assert not np.allclose(frames[0], frames[4], atol=1e-2)
+    np.testing.assert_allclose(frames[[0, 5]], plain[0], atol=1e-4)
+    np.testing.assert_allclose(frames[[4, 9]], plain[1], atol=1e-4)
+    assert not np.allclose(frames[2], frames[0], atol=1e-2) and not np.allclose(frames[2], frames[4], atol=1e-2)
+
+
+def test_two_processes_draw_what_one_draws(ckpt: Path, tmp_path: Path) -> None:
+    """torchrun --nproc-per-node=2 (gloo on the CPU): each rank draws its chunks with their own seeds, rank 0
+    writes one npz, equal to one process's for the same seed (5 chunks of 2: uneven shares)."""
+    import socket
+
+    sample(tmp_path / "one", ckpt, "n=9", "batch_size=2", "sampler=dpmsolver++sde")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}", str(ROOT / "sample.py"),
+         f"ckpt={ckpt}", f"out_dir={tmp_path / 'two'}", "steps=5", "n=9", "batch_size=2", "sampler=dpmsolver++sde"],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = np.load(tmp_path / "one" / "samples.npz")["samples"]
+    two = np.load(tmp_path / "two" / "samples.npz")["samples"]
+    assert two.shape == (9, 1, 8, 8) and np.array_equal(one, two)
 
 
 def test_interpolation_between_images_by_ddim_inversion(ckpt: Path, tmp_path: Path) -> None:
