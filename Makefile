@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: anything that lets pip choose torch may pull a multi-GB CUDA build
 	$(PY) -m pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev,submitit,optuna]'
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev,submitit,optuna,diffusers]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package (no work the second time)

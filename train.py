@@ -69,6 +69,10 @@ def train(cfg: DictConfig) -> float | None:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
+    if cfg.get("init_weights"):
+        from ddpm.checkpoints import init_weights
+
+        init_weights(module, cfg.init_weights)
     datamodule.setup("fit")  # fail on missing data before the trainer starts
     if module.hparams.eval_every_n_steps and any(m != "bpd" for m in module.hparams.eval_metrics):
         from ddpm.evaluation import check_extractor

@@ -59,6 +59,9 @@ CASES = [
     train("attention", "model.attention_resolutions=[3]", named=("model.attention_resolutions=[3]", "subset of [8, 4]")),
     train("root_required", "data=folder", named=("data.root is required",)),
     train("ckpt_path", "ckpt_path={tmp}/none.ckpt", named=("ckpt_path={tmp}/none.ckpt", "no such file")),
+    train("init_weights_missing", "init_weights={tmp}/none.ckpt", named=("init_weights={tmp}/none.ckpt", "no such file, run dir or diffusers folder")),
+    train("init_weights_resume", "init_weights={ckpt}", "resume=true", named=("init_weights=", "resume=true", "use one or the other")),
+    train("init_weights_model", "init_weights={ckpt}", "model.base_channels=32", named=("init_weights=", "model.base_channels=16")),
     # data
     train("folder_missing", "data=folder", "data.root={tmp}/missing", named=("data.root={tmp}/missing", "no such folder")),
     train("folder_junk", "data=folder", "data.root={tmp}/junk", named=("data.root={tmp}/junk", "2 file(s) skipped")),

@@ -123,13 +123,18 @@ class LoadedCheckpoint(NamedTuple):
 
 
 def load_module(path: str | Path, use_ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild a DiffusionModule from a checkpoint file alone, with its EMA weights or (use_ema=False) the live ones.
+    """Rebuild a DiffusionModule from a checkpoint file alone, with its EMA weights or (use_ema=False) the live ones;
+    or from a diffusers model folder (ddpm.diffusers_io: its one set of weights, step 0).
 
     With EMA (`WeightAveraging`), the checkpoint's `state_dict` holds the EMA weights and
     `current_model_state` the live ones. A checkpoint without EMA has only the live weights; then
     `use_ema=True` falls back to them (the second value says so).
     """
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from ddpm.diffusers_io import read_folder
+
+        return LoadedCheckpoint(read_folder(path).to(map_location), False, 0)
     if not path.is_file():
         raise ConfigError(f"ckpt={path}: no such file")
     try:
@@ -155,3 +160,31 @@ def load_module(path: str | Path, use_ema: bool = True, map_location: str | torc
         raise ConfigError(f"ckpt={path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     module.to(map_location).eval()
     return LoadedCheckpoint(module, use_ema and has_ema, int(ckpt.get("global_step", 0)))
+
+
+PROCESS_KEYS = {"schedule": "schedule", "timesteps": "schedule.timesteps", "objective": "module.objective", "variance": "module.variance"}
+UNET_KEYS = {"image_size": "data.resolution", "in_channels": "data.channels"}  # the others are model.<name>
+
+
+def init_weights(module: DiffusionModule, source: str | os.PathLike, key: str = "init_weights") -> None:
+    """Load into `module` (built from the run's config) the UNet weights of `source`: a checkpoint, a run dir or a
+    diffusers folder, its EMA weights where it has them. Its network and process must be the configured ones, else
+    ConfigError listing the overrides that make them so (a new run, step 0: the optimizer starts afresh)."""
+    from ddpm.config import resolve_ckpt
+    from ddpm.unet import UNet
+
+    loaded = load_module(resolve_ckpt(source, key=key), use_ema=True).module
+    defaults = {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
+    theirs = defaults | dict(loaded.hparams["unet"]) | {"out_channels": loaded.unet.out_channels}  # null: what was derived
+    ours = defaults | dict(module.hparams["unet"]) | {"out_channels": module.unet.out_channels}
+    differ = [f"{UNET_KEYS.get(k, f'model.{k}')}={_plain(theirs[k])}" for k in defaults
+              if k != "use_checkpoint" and _plain(theirs[k]) != _plain(ours[k])]  # fmt: skip
+    differ += [f"{name}={loaded.hparams[k]}" for k, name in PROCESS_KEYS.items() if loaded.hparams[k] != module.hparams[k]]
+    if differ:
+        raise ConfigError(f"{key}={source}: its model is not the configured one; add {' '.join(differ)}")
+    module.unet.load_state_dict(loaded.unet.state_dict())
+
+
+def _plain(value: Any) -> Any:
+    """A config value comparable with its Python twin: lists for tuples and ListConfigs."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value

@@ -41,12 +41,13 @@ _ONE_LINE = "DDPM_ONE_LINE_ERRORS"  # set by run_cli: HYDRA_FULL_ERROR=1 is ours
 
 
 def resolve_ckpt(path: str | os.PathLike, key: str = "ckpt") -> Path:
-    """A checkpoint file, or a run dir -> its checkpoints/last.ckpt; ConfigError naming `key` when neither exists."""
+    """A checkpoint file, a diffusers model folder (config.json: itself), or a run dir -> its checkpoints/last.ckpt;
+    ConfigError naming `key` when none of them exists."""
     p = Path(path)
     if p.is_dir():
-        if (p / LAST).is_file():
-            return p / LAST
-        raise ConfigError(f"{key}={path}: a folder without {LAST} (expected a checkpoint file or a run dir)")
+        if (p / LAST).is_file() or (p / "config.json").is_file():
+            return p / LAST if (p / LAST).is_file() else p
+        raise ConfigError(f"{key}={path}: a folder without {LAST} or a diffusers config.json (expected a checkpoint file, a run dir or a diffusers model folder)")
     if not p.is_file():
         raise ConfigError(f"{key}={path}: no such file or run dir")
     return p
@@ -56,8 +57,10 @@ def unreadable_checkpoint(path: Path) -> str | None:
     """Why `path` cannot be a checkpoint, from its first bytes alone, or None when it may be one.
 
     torch.save writes a zip archive, so a file cut short has the zip header but not the directory at its end;
-    an older torch wrote a pickle (first byte 0x80).
+    an older torch wrote a pickle (first byte 0x80). A diffusers model folder is read by ddpm.diffusers_io instead.
     """
+    if path.is_dir():
+        return None
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"PK\x03\x04":

@@ -53,6 +53,10 @@ class ModelSchema:
     num_classes: Optional[int] = None
     num_heads: int = 1
     use_checkpoint: bool = False
+    norm_eps: float = 1e-5
+    embed_cos_first: bool = True
+    embed_freq_shift: int = 0
+    downsample_padding: int = 1
 
 
 @dataclass
@@ -290,10 +294,15 @@ def check_train(cfg: DictConfig) -> None:
     check("resume", cfg.resume, isinstance(cfg.resume, bool), "true or false")
     threads = cfg.get("threads", "auto")
     check("threads", threads, threads == "auto" or (is_int(threads) and threads >= 1), "auto or an integer >= 1")
-    for key in ("name", "ckpt_path"):
-        check(key, cfg[key], cfg[key] is None or isinstance(cfg[key], str), "null or a string")
+    for key in ("name", "ckpt_path", "init_weights"):
+        check(key, cfg.get(key), cfg.get(key) is None or isinstance(cfg.get(key), str), "null or a string")
     if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().exists():  # which checkpoint in it: train.py decides
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file or run dir")
+    if cfg.get("init_weights"):
+        if not Path(cfg.init_weights).expanduser().exists():
+            raise ConfigError(f"init_weights={cfg.init_weights}: no such file, run dir or diffusers folder")
+        if cfg.ckpt_path or cfg.resume:
+            raise ConfigError(f"init_weights={cfg.init_weights} starts a new run from weights; ckpt_path= and resume=true continue one: use one or the other")
     check_data(cfg.data)
     check_module({k: cfg.module[k] for k in cfg.module if not k.startswith("_") and k != "unet"})
     model = cfg.model if _origin(cfg.module, "unet", "") == "model" else cfg.module.unet

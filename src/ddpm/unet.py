@@ -21,18 +21,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, cos_first: bool = True, freq_shift: int = 0
+) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in Vaswani et al. 2017 / Ho et al. 2020.
 
-    Frequencies run geometrically from 1 to 1/max_period; the result is [cos, sin] (improved-diffusion's
-    ordering), zero-padded to `dim` when `dim` is odd. Computed in float32 whatever the autocast state.
+    Frequencies exp(-ln(max_period) i / (half - freq_shift)), i = 0 .. half - 1; the result is [cos, sin]
+    (improved-diffusion's ordering; cos_first=False gives [sin, cos]), zero-padded to `dim` when `dim` is odd.
+    freq_shift = 1 with [sin, cos] is the paper's TensorFlow code (and diffusers' ddpm-cifar10-32). Computed in
+    float32 whatever the autocast state.
 
     t: (B,) int or float timesteps. Returns (B, dim) float32.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)  # (half,)
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    freqs = torch.exp(-math.log(max_period) * exponent)  # (half,)
     args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (B, 2*half)
+    parts = [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(parts if cos_first else parts[::-1], dim=1)  # (B, 2*half)
     return F.pad(emb, (0, dim % 2))  # (B, dim)
 
 
@@ -115,14 +121,15 @@ class ResBlock(nn.Module):
     """
 
     def __init__(
-        self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, norm_groups: int, use_checkpoint: bool = False
+        self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, norm_groups: int, use_checkpoint: bool = False,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.use_checkpoint = use_checkpoint
-        self.norm1 = GroupNorm(norm_groups, in_ch)
+        self.norm1 = GroupNorm(norm_groups, in_ch, eps=norm_eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
-        self.norm2 = GroupNorm(norm_groups, out_ch)
+        self.norm2 = GroupNorm(norm_groups, out_ch, eps=norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -147,10 +154,10 @@ class AttnBlock(nn.Module):
     (zero-initialised) -> + input.
     """
 
-    def __init__(self, ch: int, norm_groups: int, num_heads: int = 1):
+    def __init__(self, ch: int, norm_groups: int, num_heads: int = 1, norm_eps: float = 1e-5):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = GroupNorm(norm_groups, ch)
+        self.norm = GroupNorm(norm_groups, ch, eps=norm_eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
@@ -168,13 +175,18 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv."""
+    """Halve H and W with a stride-2 3x3 conv: padded by one pixel on every side (padding=1, improved-diffusion's),
+    or by one on the right and bottom only (padding=0: TensorFlow's "SAME", the paper's code and diffusers'
+    `downsample_padding=0`)."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)  # (B, C, H/2, W/2)
 
 
@@ -221,6 +233,10 @@ class UNet(nn.Module):
             label `num_classes` (classifier-free guidance) are embedded and added to the time embedding.
         num_heads: attention heads (the paper uses 1).
         use_checkpoint: recompute residual-block activations in backward (less memory, more compute).
+        norm_eps: GroupNorm's epsilon (1e-5; the paper's code and diffusers' ddpm-cifar10-32 use 1e-6).
+        embed_cos_first, embed_freq_shift: the sinusoidal time embedding's layout (timestep_embedding):
+            [cos, sin] with shift 0 (improved-diffusion's, the default), or [sin, cos] with shift 1 (the paper's).
+        downsample_padding: 1 (symmetric) or 0 (right and bottom only, the paper's); see Downsample.
     """
 
     def __init__(
@@ -237,6 +253,10 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         num_heads: int = 1,
         use_checkpoint: bool = False,
+        norm_eps: float = 1e-5,
+        embed_cos_first: bool = True,
+        embed_freq_shift: int = 0,
+        downsample_padding: int = 1,
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -244,7 +264,8 @@ class UNet(nn.Module):
         out_channels = in_channels if out_channels is None else out_channels
         check_geometry(
             image_size, in_channels, out_channels, base_channels, channel_mult, num_res_blocks,
-            attention_resolutions, dropout, norm_groups, num_classes, num_heads,
+            attention_resolutions, dropout, norm_groups, num_classes, num_heads, norm_eps=norm_eps,
+            embed_freq_shift=embed_freq_shift, downsample_padding=downsample_padding,
         )  # fmt: skip
         self.image_size = image_size
         self.in_channels = in_channels
@@ -253,16 +274,17 @@ class UNet(nn.Module):
 
         temb_dim = 4 * base_channels
         self.base_channels = base_channels
+        self.embed_cos_first, self.embed_freq_shift = embed_cos_first, embed_freq_shift
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
         )  # (B, base) -> (B, 4*base)
         self.class_embed = nn.Embedding(num_classes + 1, temb_dim) if num_classes is not None else None
 
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, temb_dim, dropout, norm_groups, use_checkpoint)
+            return ResBlock(cin, cout, temb_dim, dropout, norm_groups, use_checkpoint, norm_eps)
 
         def attn(ch: int) -> AttnBlock:
-            return AttnBlock(ch, norm_groups, num_heads)
+            return AttnBlock(ch, norm_groups, num_heads, norm_eps)
 
         # way down: one skip per residual block, plus the stem and every downsample output
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -278,7 +300,7 @@ class UNet(nn.Module):
                 self.down.append(block)
                 skip_chs.append(ch)
             if level != len(channel_mult) - 1:
-                self.down.append(EmbedSequential(Downsample(ch)))
+                self.down.append(EmbedSequential(Downsample(ch, downsample_padding)))
                 skip_chs.append(ch)
                 res_px //= 2
 
@@ -297,7 +319,7 @@ class UNet(nn.Module):
                     res_px *= 2
                 self.up.append(block)
 
-        self.norm_out = GroupNorm(norm_groups, ch)
+        self.norm_out = GroupNorm(norm_groups, ch, eps=norm_eps)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
         self._init_weights()
 
@@ -334,7 +356,8 @@ class UNet(nn.Module):
             t = t.expand(B)
         dtype = self.conv_in.weight.dtype  # bf16/fp16 when the module was cast (bf16-true); inputs follow it
         x = x.to(dtype)
-        temb = self.time_embed(timestep_embedding(t, self.base_channels).to(dtype))  # (B, 4*base)
+        emb = timestep_embedding(t, self.base_channels, cos_first=self.embed_cos_first, freq_shift=self.embed_freq_shift)
+        temb = self.time_embed(emb.to(dtype))  # (B, 4*base)
         if self.class_embed is None:
             if y is not None:
                 raise ValueError("UNet: got class labels y, but the model was built with num_classes=None")
@@ -378,6 +401,9 @@ def check_geometry(
     norm_groups: int,
     num_classes: int | None,
     num_heads: int,
+    norm_eps: float = 1e-5,
+    embed_freq_shift: int = 0,
+    downsample_padding: int = 1,
     names: Callable[[str], str] = str,
 ) -> None:
     """Raise GeometryError at the first UNet argument that cannot be built or run. The one rule for the UNet and for
@@ -411,3 +437,9 @@ def check_geometry(
         raise GeometryError(names("out_channels"), out_channels, "null (as in_channels, or what module.variance needs) or an integer >= 1")
     if num_classes is not None and not _is_count(num_classes):
         raise GeometryError(names("num_classes"), num_classes, "null (unconditional) or an integer >= 1")
+    if not (isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool) and norm_eps > 0):
+        raise GeometryError(names("norm_eps"), norm_eps, "a number > 0")
+    if embed_freq_shift not in (0, 1) or isinstance(embed_freq_shift, bool):
+        raise GeometryError(names("embed_freq_shift"), embed_freq_shift, "0 or 1")
+    if downsample_padding not in (0, 1) or isinstance(downsample_padding, bool):
+        raise GeometryError(names("downsample_padding"), downsample_padding, "0 (right and bottom) or 1 (every side)")
