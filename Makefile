@@ -31,8 +31,9 @@ demo: $(STAMP)  ## train the default config (digits, CPU, ~5 min) into outputs/r
 	@echo "demo grid: outputs/runs/demo/sample/grid.png (training grids: outputs/runs/demo/samples/)"
 
 test: $(STAMP)  ## run the test suite
-	# one thread per process: the tests run small ops, where a second (possibly busy) core only adds waiting
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15
+	# one thread per process: the tests run small ops, where a second (possibly busy) core only adds waiting;
+	# two workers, one file each at a time (a file's fixtures are built once), use both cores
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:  ## remove the virtual environment
 	rm -rf $(VENV)

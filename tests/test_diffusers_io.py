@@ -5,15 +5,14 @@ UNet cannot express are refused in one line."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, _env, run_script, train
+from conftest import run_script, train
+from ddpm.convert import main as convert
 from ddpm.diffusers_io import read_folder, write_folder
 from ddpm.errors import ConfigError
 
@@ -114,25 +113,22 @@ def test_sample_py_samples_a_diffusers_folder(tmp_path: Path) -> None:
     assert x.shape == (4, 1, 8, 8) and np.isfinite(x).all()
 
 
-def test_convert_then_fine_tune_and_export_a_run(tmp_path: Path) -> None:
+def test_convert_then_fine_tune_and_export_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """python -m ddpm.convert import writes a checkpoint that train.py's init_weights starts from (a model that is
     not the configured one is refused, naming the overrides that make it so); export turns the run back into a
     folder diffusers loads, with the run's EMA weights."""
     diffusers_folder(tmp_path / "model", SMALL | {"norm_eps": 1e-6}, {"beta_schedule": "squaredcos_cap_v2"})
 
-    def convert(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ddpm.convert", *args], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-
-    assert convert("import", str(tmp_path / "model"), str(tmp_path / "model.ckpt")).returncode == 0
-    again = convert("import", str(tmp_path / "model"), str(tmp_path / "model.ckpt"))
-    assert again.returncode == 2 and "not overwritten" in again.stderr
+    assert convert(["import", str(tmp_path / "model"), str(tmp_path / "model.ckpt")]) == 0  # python -m ddpm.convert, in process
+    assert convert(["import", str(tmp_path / "model"), str(tmp_path / "model.ckpt")]) == 2
+    assert "not overwritten" in capsys.readouterr().err
     refused = train(tmp_path / "refused", f"init_weights={tmp_path / 'model.ckpt'}", check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     error = [line for line in refused.stderr.splitlines() if line.startswith("error:")][0]
     assert error.endswith("add model.attention_resolutions=[8] model.norm_eps=1e-06 schedule.timesteps=1000"), error  # debug=fast: model=tiny
     train(tmp_path / "tuned", f"init_weights={tmp_path / 'model.ckpt'}", "model=tiny", "model.attention_resolutions=[8]",
           "model.norm_eps=1e-6", "schedule.timesteps=1000")  # fmt: skip
-    assert convert("export", str(tmp_path / "tuned"), str(tmp_path / "exported")).returncode == 0
+    assert convert(["export", str(tmp_path / "tuned"), str(tmp_path / "exported")]) == 0
     exported = diffusers.UNet2DModel.from_pretrained(tmp_path / "exported").eval()
     from ddpm.checkpoints import load_module
 

@@ -90,23 +90,24 @@ def test_briefly_trained_conditional_model_generates_the_requested_digit(briefly
 
 
 def test_inpainting_the_right_half_keeps_the_digit(briefly_trained):
-    """The same model without labels (its null label: unconditional) regenerates the right half of 200 val digits
-    from their left half (ancestral sampling over all 200 steps): the classifier still reads the original digit
-    far above chance (0.1), and RePaint's resampling (U = 5) keeps it at least as often, within the draw's noise."""
+    """The same model without labels (its null label: unconditional) regenerates the right half of 100 val digits
+    from their left half (ancestral sampling over 50 respaced steps): the classifier still reads the original digit
+    far above chance (0.1; measured 0.57), and RePaint's resampling (U = 5; measured 0.64) keeps it at least as
+    often, within the draw's noise."""
     from ddpm.data import digits_split
     from ddpm.digits_classifier import load_digits_classifier
 
     diffusion, net = briefly_trained
     images, labels = digits_split("val")
-    images, labels = images[:200], labels[:200]
+    images, labels = images[:100], labels[:100]
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 4:] = 1.0
     classifier = load_digits_classifier()
     kept = {}
     for resample in (1, 5):
-        x = diffusion.sample(net, images.shape, sampler="ddpm", generator=torch.Generator().manual_seed(0), x_init=images, mask=mask,
-                             model_kwargs={"y": torch.full((200,), 10)}, sampler_options={"resample": resample})  # fmt: skip
+        x = diffusion.sample(net, images.shape, sampler="ddpm", steps=50, generator=torch.Generator().manual_seed(0), x_init=images,
+                             mask=mask, model_kwargs={"y": torch.full((100,), 10)}, sampler_options={"resample": resample})  # fmt: skip
         assert torch.equal(x[..., :4], images[..., :4])
         with torch.no_grad():
             kept[resample] = (classifier(x).argmax(1) == labels).float().mean().item()
-    assert kept[1] > 0.35 and kept[5] > kept[1] - 0.07, kept  # 0.35: 12 binomial standard errors above chance
+    assert kept[1] > 0.35 and kept[5] > kept[1] - 0.07, kept  # 0.35: 8 binomial standard errors above chance at n = 100
