@@ -265,3 +265,30 @@ def test_interpolation_between_images_by_ddim_inversion(ckpt: Path, tmp_path: Pa
     errors = [float(np.abs(frames[0] - images[0]).mean()), float(np.abs(frames[2] - images[1]).mean())]
     assert max(errors) < 0.06, errors
     assert np.abs(frames[1] - images[0]).mean() > errors[0] and np.abs(frames[1] - images[1]).mean() > errors[1]
+
+
+def test_edit_inputs_read_images_and_masks(tmp_path: Path) -> None:
+    """init= reads one image file as the run's data is preprocessed (a larger RGB image to the model's 8x8 gray);
+    mask presets generate the named half or the central box; a mask image is white where generated (resized by
+    nearest neighbour) and an .npy mask of 0 and 1 is taken as it is; anything else is one ConfigError."""
+    from PIL import Image
+
+    from ddpm.edit_inputs import build_mask, read_init
+
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "white.png")
+    x = read_init(str(tmp_path / "white.png"), (1, 8, 8))
+    assert x.shape == (1, 1, 8, 8) and torch.equal(x, torch.ones_like(x))
+    shape = (1, 8, 8)
+    right, bottom, center = (build_mask(m, shape)[0, 0] for m in ("right", "bottom", "center"))
+    assert right[:, 4:].eq(1).all() and right[:, :4].eq(0).all() and bottom[4:].eq(1).all() and bottom[:4].eq(0).all()
+    assert center.sum() == 16 and center[2:6, 2:6].eq(1).all()
+    image = np.zeros((16, 16), np.uint8)
+    image[:, 8:] = 255  # white right half at twice the size
+    Image.fromarray(image, mode="L").save(tmp_path / "mask.png")
+    assert torch.equal(build_mask(str(tmp_path / "mask.png"), shape), build_mask("right", shape))
+    np.save(tmp_path / "mask.npy", np.eye(8))
+    assert torch.equal(build_mask(str(tmp_path / "mask.npy"), shape)[0, 0], torch.eye(8))
+    np.save(tmp_path / "bad.npy", np.full((8, 8), 0.5))
+    for spec, named in (("middle", "not a preset"), (str(tmp_path / "bad.npy"), "of 0 and 1")):
+        with pytest.raises(ConfigError, match=named):
+            build_mask(spec, shape)
