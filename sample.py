@@ -97,12 +97,14 @@ def sample(cfg: DictConfig) -> Path:
             val_images, train_images, metrics, extractor=extractor, inception_weights=cfg.get("inception_weights"),
             dataset=dataset, device=device, batch_size=cfg.batch_size,
         )  # fmt: skip
-    if cfg.use_ema and not ema:
+    if cfg.use_ema and not ema and rank == 0:
         print("note: the checkpoint has no EMA weights; sampling the live weights")
     spacing = plan.spacing if plan is not None else cfg.spacing
     timesteps = module.diffusion.sampling_timesteps(cfg.sampler, cfg.steps, spacing)
-    evaluations = network_evaluations(cfg.sampler, len(timesteps))
-    if cfg.get("resample", 1) > 1:  # RePaint repeats every ancestral step but the last
+    if plan is not None and plan.x_init is not None:  # SDEdit runs only the timesteps below strength T
+        timesteps = timesteps[timesteps < plan.strength * T]
+    evaluations = network_evaluations(cfg.sampler, len(timesteps)) if len(timesteps) else 0
+    if cfg.get("resample", 1) > 1 and len(timesteps):  # RePaint repeats every ancestral step but the last
         evaluations = (len(timesteps) - 1) * cfg.resample + 1
     spacing = spacing or DEFAULT_SPACING[cfg.sampler]
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
@@ -112,10 +114,12 @@ def sample(cfg: DictConfig) -> Path:
         grid = save_grid(x[:GRID_MAX], out_dir / "grid.png")
         print(f"checkpoint: {path} (step {step}), for the reference data and bits/dim; samples: {cfg.samples} {tuple(x.shape)}")
     else:
-        print(f"checkpoint: {path} ({'EMA' if ema else 'live'} weights, step {step}), {cfg.sampler} {len(timesteps)} steps "
-              f"({spacing} spacing, timesteps {int(timesteps[0])}..{int(timesteps[-1])}): {evaluations} network evaluations per sample")
-        if plan.x_init is not None or plan.frames:
-            print(describe(cfg, plan))
+        if rank == 0:
+            visited = f"timesteps {int(timesteps[0])}..{int(timesteps[-1])}" if len(timesteps) else "no timesteps"
+            print(f"checkpoint: {path} ({'EMA' if ema else 'live'} weights, step {step}), {cfg.sampler} {len(timesteps)} steps "
+                  f"({spacing} spacing, {visited}): {evaluations} network evaluations per sample")
+            if plan.x_init is not None or plan.frames:
+                print(describe(cfg, plan))
         x, labels = draw(cfg, module, plan, device, rank, world)
         if rank > 0:  # rank 0 writes and scores what every rank drew
             return out_dir

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -196,6 +197,8 @@ def test_sdedit_strength_zero_returns_the_images_and_n_follows_them(ckpt: Path, 
     assert out.shape == (6, 8, 8, 1) and np.array_equal(out, real_digits(6))
     proc = sample(tmp_path / "half", ckpt, f"init={tmp_path / 'in.npz'}", "strength=0.5")
     assert "SDEdit: 6 image(s)" in proc.stdout and "strength 0.5" in proc.stdout
+    evaluations = int(re.search(r"(\d+) network evaluations", proc.stdout).group(1))
+    assert 0 < evaluations < 5  # only the 5 timesteps' share below t = 0.5 T
     edited = np.load(tmp_path / "half" / "samples.npz")["arr_0"]
     assert edited.shape == (6, 8, 8, 1) and not np.array_equal(edited, real_digits(6))
 
