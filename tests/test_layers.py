@@ -13,7 +13,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "ddpm"
 PURE = {"schedules", "diffusion", "samplers", "guidance", "unet", "metrics", "digits_classifier", "images", "registry"}
 FRAMEWORK = {"module", "data", "callbacks", "sample_callbacks", "checkpoints", "evaluation", "schema", "config", "errors",
-             "runlock", "hardware", "report", "loggers", "edit_inputs", "diffusers_io", "convert"}  # fmt: skip
+             "runlock", "hardware", "report", "loggers", "edit_inputs", "diffusers_io", "convert", "drawing"}  # fmt: skip
 PACKAGE = {"__init__"}  # re-exports the public API: GaussianDiffusion, UNet, make_betas
 
 
