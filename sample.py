@@ -93,9 +93,8 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.use_ema and not ema and rank == 0:
         print("note: the checkpoint has no EMA weights; sampling the live weights")
     spacing = plan.spacing if plan is not None else cfg.spacing
-    timesteps = module.diffusion.sampling_timesteps(cfg.sampler, cfg.steps, spacing)
-    if plan is not None and plan.x_init is not None:  # SDEdit runs only the timesteps below strength T
-        timesteps = timesteps[timesteps < plan.strength * T]
+    strength = plan.strength if plan is not None else 1.0  # SDEdit runs only the timesteps below strength T
+    timesteps = module.diffusion.sampling_timesteps(cfg.sampler, cfg.steps, spacing, strength)
     evaluations = network_evaluations(cfg.sampler, len(timesteps)) if len(timesteps) else 0
     if cfg.get("resample", 1) > 1 and len(timesteps):  # RePaint repeats every ancestral step but the last
         evaluations = (len(timesteps) - 1) * cfg.resample + 1

@@ -5,33 +5,38 @@ crossed with the editing options. Clipping of x_0 is off, so it cannot bias the 
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 
 from ddpm import GaussianDiffusion, make_betas
+from ddpm.diffusion import Objective, Spacing
 from ddpm.samplers import SAMPLERS, slerp
 from oracles import GaussianOracle
 
 ALL_SAMPLERS = sorted(SAMPLERS)
+SPACINGS = get_args(Spacing)
+OBJECTIVES = get_args(Objective)
 
 
-def correlated_gaussian(schedule: str = "linear", rho: float = 0.9, scale: float = 0.5):
-    """Data N(0, scale^2 [[1, rho], [rho, 1]]) and its exact denoiser."""
-    diffusion = GaussianDiffusion(make_betas(schedule, 1000))
+def correlated_gaussian(schedule: str = "linear", rho: float = 0.9, scale: float = 0.5, objective: str = "eps"):
+    """Data N(0, scale^2 [[1, rho], [rho, 1]]) and its exact denoiser for `objective`."""
+    diffusion = GaussianDiffusion(make_betas(schedule, 1000), objective=objective)
     cov = torch.tensor([[1.0, rho], [rho, 1.0]]) * scale**2
     return diffusion, GaussianOracle(diffusion, torch.zeros(2), cov), cov
 
 
+@pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("sampler", ALL_SAMPLERS)
-def test_sdedit_strength_zero_returns_the_input_and_one_is_plain_sampling(sampler: str) -> None:
+def test_sdedit_strength_zero_returns_the_input_and_one_is_plain_sampling(sampler: str, spacing: str) -> None:
     diffusion, oracle, _ = correlated_gaussian()
     x_init = torch.rand(64, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
     noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
 
     def run(**kw):
         return diffusion.sample(oracle, (64, 2), sampler=sampler, steps=20, noise=noise, generator=torch.Generator().manual_seed(2),
-                                clip_denoised=False, **kw)  # fmt: skip
+                                clip_denoised=False, spacing=spacing, **kw)  # fmt: skip
 
     assert torch.equal(run(x_init=x_init, strength=0.0), x_init)
     assert torch.equal(run(x_init=x_init, strength=1.0), run())
@@ -51,14 +56,19 @@ def test_sdedit_keeps_more_of_the_input_at_lower_strength(sampler: str) -> None:
     assert distances[0] < distances[1] < distances[2], distances
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("sampler", ALL_SAMPLERS)
-def test_inpainting_keeps_the_kept_pixels_exactly(sampler: str) -> None:
-    diffusion, oracle, _ = correlated_gaussian()
+def test_inpainting_keeps_the_kept_pixels_exactly(sampler: str, spacing: str, objective: str) -> None:
+    """Every sampler, spacing and parameterisation, with SDEdit's strength too: the kept pixels come back exactly."""
+    diffusion, oracle, _ = correlated_gaussian(objective=objective)
     x_init = torch.rand(256, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mask = torch.tensor([[0.0, 1.0]])  # generate coordinate 1, keep coordinate 0
-    g = torch.Generator().manual_seed(4)
-    x = diffusion.sample(oracle, x_init.shape, sampler=sampler, steps=10, generator=g, x_init=x_init, mask=mask, clip_denoised=False)
-    assert torch.equal(x[:, 0], x_init[:, 0]) and not torch.equal(x[:, 1], x_init[:, 1])
+    for strength in (1.0, 0.6):
+        g = torch.Generator().manual_seed(4)
+        x = diffusion.sample(oracle, x_init.shape, sampler=sampler, steps=10, generator=g, x_init=x_init, mask=mask, strength=strength,
+                             spacing=spacing, clip_denoised=False)  # fmt: skip
+        assert torch.equal(x[:, 0], x_init[:, 0]) and not torch.equal(x[:, 1], x_init[:, 1])
 
 
 def test_repaint_resampling_reaches_the_conditional_moments() -> None:
@@ -82,12 +92,13 @@ def test_repaint_resampling_reaches_the_conditional_moments() -> None:
     assert abs(moments[1][0] - target_mean) > 0.1, moments
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_ddim_inversion_reconstructs_with_first_order_error(schedule: str) -> None:
+def test_ddim_inversion_reconstructs_with_first_order_error(schedule: str, objective: str) -> None:
     """Invert with DDIM, decode with DDIM (eta 0): the error halves as the steps double (first order) and is
     below 0.03 RMS at 100 steps; the encodings are close to standard normal (the data's law pushed through the
     ODE; their spread is within 0.1 of 1 at 100 steps, approaching it as the steps grow)."""
-    diffusion = GaussianDiffusion(make_betas(schedule, 1000))
+    diffusion = GaussianDiffusion(make_betas(schedule, 1000), objective=objective)
     A = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 0.15
     mean, cov = torch.linspace(-0.2, 0.2, 4), A @ A.T + 0.01 * torch.eye(4)
     oracle = GaussianOracle(diffusion, mean, cov)

@@ -171,13 +171,12 @@ def init_weights(module: DiffusionModule, source: str | os.PathLike, key: str = 
     diffusers folder, its EMA weights where it has them. Its network and process must be the configured ones, else
     ConfigError listing the overrides that make them so (a new run, step 0: the optimizer starts afresh)."""
     from ddpm.config import resolve_ckpt
-    from ddpm.unet import UNet
+    from ddpm.unet import unet_arguments
 
     loaded = load_module(resolve_ckpt(source, key=key), use_ema=True).module
-    defaults = {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
-    theirs = defaults | dict(loaded.hparams["unet"]) | {"out_channels": loaded.unet.out_channels}  # null: what was derived
-    ours = defaults | dict(module.hparams["unet"]) | {"out_channels": module.unet.out_channels}
-    differ = [f"{UNET_KEYS.get(k, f'model.{k}')}={_plain(theirs[k])}" for k in defaults
+    theirs = unet_arguments(loaded.hparams["unet"]) | {"out_channels": loaded.unet.out_channels}  # null: what was derived
+    ours = unet_arguments(module.hparams["unet"]) | {"out_channels": module.unet.out_channels}
+    differ = [f"{UNET_KEYS.get(k, f'model.{k}')}={_plain(theirs[k])}" for k in theirs
               if k != "use_checkpoint" and _plain(theirs[k]) != _plain(ours[k])]  # fmt: skip
     differ += [f"{name}={loaded.hparams[k]}" for k, name in PROCESS_KEYS.items() if loaded.hparams[k] != module.hparams[k]]
     if differ:

@@ -13,7 +13,6 @@ AttnUpBlock2D, UNetMidBlock2D) with diffusers' time-embedding, GroupNorm-epsilon
 """
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from ddpm.errors import ConfigError, first_line
+from ddpm.unet import unet_arguments
 
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 CONFIG, SCHEDULER = "config.json", "scheduler_config.json"
@@ -89,9 +89,7 @@ def unet_kwargs(config: dict[str, Any], where: str) -> dict[str, Any]:
 
 def diffusers_config(unet: dict[str, Any]) -> dict[str, Any]:
     """The UNet2DModel config of ddpm.UNet arguments `unet` (the inverse of unet_kwargs)."""
-    from ddpm.unet import UNet
-
-    args = {k: p.default for k, p in inspect.signature(UNet).parameters.items()} | dict(unet)
+    args = unet_arguments(unet)
     base, mult = int(args["base_channels"]), [int(m) for m in args["channel_mult"]]
     size = int(args["image_size"])
     down = [ATTN_DOWN if size // 2**i in args["attention_resolutions"] else DOWN for i in range(len(mult))]
@@ -156,9 +154,7 @@ def scheduler_config(hparams: dict[str, Any]) -> dict[str, Any]:
 def module_pairs(unet: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     """(our module prefix, diffusers module prefix, kind) for every layer of the UNet with arguments `unet`;
     kind: "plain" (same tensors), "res" (a residual block), "attn" (an attention block)."""
-    from ddpm.unet import UNet
-
-    args = {k: p.default for k, p in inspect.signature(UNet).parameters.items()} | dict(unet)
+    args = unet_arguments(unet)
     mult, blocks, size = list(args["channel_mult"]), int(args["num_res_blocks"]), int(args["image_size"])
     yield "time_embed.0", "time_embedding.linear_1", "plain"
     yield "time_embed.2", "time_embedding.linear_2", "plain"

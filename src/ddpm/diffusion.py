@@ -470,14 +470,25 @@ class GaussianDiffusion(nn.Module):
         )
         return respaced.to(self.betas.device)
 
-    def sampling_timesteps(self, sampler: str, steps: int | None = None, spacing: Spacing | None = None) -> Tensor:
+    def sampling_timesteps(
+        self, sampler: str, steps: int | None = None, spacing: Spacing | None = None, strength: float = 1.0
+    ) -> Tensor:
         """The timesteps (ascending, 0-based) that `sampler` visits for `steps` (None: all T) placed by `spacing`
-        (None: the sampler's default); the network is called samplers.network_evaluations(sampler, len(...)) times."""
+        (None: the sampler's default), and of those only the ones below strength T (SDEdit; 1: all of them);
+        the network is called samplers.network_evaluations(sampler, len(...)) times."""
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(sorted(samplers.SAMPLERS))}")
         steps = self.num_timesteps if steps is None else steps
         spacing = samplers.DEFAULT_SPACING[sampler] if spacing is None else spacing
-        return spaced_timesteps(self.num_timesteps, steps, spacing, self._exact["alphas_cumprod"])
+        kept = spaced_timesteps(self.num_timesteps, steps, spacing, self._exact["alphas_cumprod"])
+        return kept[kept < strength * self.num_timesteps]
+
+    def _process(self, kept: Tensor, device: torch.device) -> GaussianDiffusion:
+        """This process when `kept` is every timestep and it lives on `device`, else a respaced copy there
+        (this module is never moved)."""
+        if len(kept) == self.num_timesteps and self.betas.device == device:
+            return self
+        return self.respace(kept).to(device)
 
     @torch.no_grad()
     def sample(
@@ -521,22 +532,17 @@ class GaussianDiffusion(nn.Module):
           that step, and at the end by x_init itself, so the kept region of the result is x_init exactly.
           sampler "ddpm" with sampler_options {"resample": U} repeats each step U times (RePaint's resampling).
         """
-        kept = self.sampling_timesteps(sampler, steps, spacing)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta!r}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         if (mask is not None or strength < 1.0) and x_init is None:
             raise ValueError("strength < 1 and mask edit images: pass them as x_init")
-        if x_init is not None:
-            kept = kept[kept < strength * self.num_timesteps]  # SDEdit: the steps below t = strength T
-            if len(kept) == 0:
-                return x_init.clamp(-1.0, 1.0)
+        kept = self.sampling_timesteps(sampler, steps, spacing, strength)  # SDEdit: the steps below t = strength T
+        if len(kept) == 0:
+            return x_init.clamp(-1.0, 1.0)
         device = torch.device(device if device is not None else generator.device if generator is not None else self.betas.device)
-        if len(kept) == self.num_timesteps and self.betas.device == device:
-            diffusion = self
-        else:  # a new process on `device`: this module stays where it is
-            diffusion = self.respace(kept).to(device)
+        diffusion = self._process(kept, device)
         x = noise.to(device).float() if noise is not None else torch.randn(shape, generator=generator, device=device)
         options = dict(sampler_options or {})
         if x_init is not None:
@@ -578,8 +584,7 @@ class GaussianDiffusion(nn.Module):
         """x_T of data x0 by DDIM inversion (ddpm.samplers.ddim_invert) over the `steps` timesteps that sampler
         "ddim" visits (placed by `spacing`); `sample(..., sampler="ddim", eta=0, noise=x_T, clip_denoised=False)`
         with the same steps and spacing decodes it back."""
-        kept = self.sampling_timesteps("ddim", steps, spacing)
-        diffusion = self if len(kept) == self.num_timesteps else self.respace(kept).to(self.betas.device)
+        diffusion = self._process(self.sampling_timesteps("ddim", steps, spacing), self.betas.device)
         return samplers.ddim_invert(diffusion, model, x0.to(self.betas.device), model_kwargs=model_kwargs, progress=progress)
 
     # ---- likelihood -----------------------------------------------------------------------------

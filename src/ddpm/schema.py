@@ -196,11 +196,10 @@ def check_model(unet: Mapping[str, Any], image_key: str = "data.resolution", cha
     """UNet arguments that cannot build or run, by config key: the UNet's own rule (ddpm.unet.check_geometry) on
     the config's values and the UNet's defaults for the rest; `image_size` and `in_channels` shown as the keys that
     set them."""
-    from ddpm.unet import GeometryError, UNet, check_geometry
+    from ddpm.unet import GeometryError, check_geometry, unet_arguments
 
-    defaults = inspect.signature(UNet).parameters
-    given = OmegaConf.to_container(unet, resolve=True) if OmegaConf.is_config(unet) else dict(unet)
-    args = {k: given.get(k, defaults[k].default) for k in inspect.signature(check_geometry).parameters if k != "names"}
+    full = unet_arguments(OmegaConf.to_container(unet, resolve=True) if OmegaConf.is_config(unet) else unet)
+    args = {k: full[k] for k in inspect.signature(check_geometry).parameters if k != "names"}
     keys = {"image_size": image_key, "in_channels": channels_key}
     try:
         check_geometry(**args, names=lambda arg: keys.get(arg, f"model.{arg}"))

@@ -12,8 +12,10 @@ the parameter count follow the paper's TensorFlow code and improved-diffusion's 
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -375,6 +377,11 @@ class UNet(nn.Module):
         for block in self.up:
             h = block(torch.cat([h, hs.pop()], dim=1), temb)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, H, W)
+
+
+def unet_arguments(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every UNet argument: those in `given`, the UNet's defaults for the rest."""
+    return {name: p.default for name, p in inspect.signature(UNet).parameters.items()} | dict(given)
 
 
 class GeometryError(ValueError):
