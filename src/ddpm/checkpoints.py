@@ -24,7 +24,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from ddpm.config import LAST, unreadable_checkpoint
 from ddpm.errors import ConfigError, first_line
-from ddpm.module import DiffusionModule
+from ddpm.module import PROCESS_OPTIONS, DiffusionModule
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,10 @@ def load_module(path: str | Path, use_ema: bool = True, map_location: str | torc
     hparams = ckpt["hyper_parameters"]
     try:
         module = DiffusionModule(**hparams)
-    except (TypeError, ValueError) as e:  # an argument this version lacks or needs, or a value it refuses
+    except (TypeError, ValueError, ConfigError) as e:  # an argument this version lacks or needs, or a value it refuses
         params = inspect.signature(DiffusionModule).parameters
-        unknown = sorted(set(hparams) - set(params)) if isinstance(hparams, dict) else []
-        needed = sorted(n for n, p in params.items() if p.default is p.empty and n not in (hparams if isinstance(hparams, dict) else {}))
+        unknown = sorted(set(hparams) - set(params) - set(PROCESS_OPTIONS)) if isinstance(hparams, dict) else []
+        needed = sorted(n for n, p in params.items() if p.default is p.empty and p.kind is not p.VAR_KEYWORD and n not in (hparams if isinstance(hparams, dict) else {}))
         detail = f"unknown hyperparameter(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(needed)}" if needed else first_line(e)
         raise ConfigError(f"ckpt={path}: made by an incompatible version of ddpm ({detail}); sample it with that version") from e
     has_ema = "current_model_state" in ckpt

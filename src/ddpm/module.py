@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
-from ddpm.diffusion import GaussianDiffusion, Objective, TimestepSampling, Variance
+from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError
 from ddpm.evaluation import validate_metrics
 from ddpm.guidance import ClassifierFreeGuidance
@@ -54,6 +54,12 @@ def lr_factor(step: int, warmup: int, decay: str = "none", total: int = 0) -> fl
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
 
 
+# GaussianDiffusion's options that a DiffusionModule takes as its own (module.objective=v, ...)
+_PROCESS = {n: p for n, p in inspect.signature(GaussianDiffusion).parameters.items() if n not in ("betas", "timestep_map")}
+PROCESS_OPTIONS = tuple(_PROCESS)
+PROCESS_DEFAULTS = {n: p.default for n, p in _PROCESS.items()}
+
+
 class DiffusionModule(LightningModule):
     """A GaussianDiffusion over a UNet, trained with L_simple (Ho et al. 2020, eq. 14).
 
@@ -61,15 +67,6 @@ class DiffusionModule(LightningModule):
         unet: keyword arguments of ddpm.UNet (image_size, in_channels, base_channels, channel_mult, ...).
         schedule: a beta schedule name in ddpm.schedules.SCHEDULES ("linear", "cosine").
         timesteps: T, the length of the forward process.
-        objective: what the net predicts: "eps" (the paper), "x0", "v", or "edm" (Karras et al. 2022's
-            preconditioning for data of standard deviation `sigma_data`).
-        variance: reverse-process variance, "fixed_small" (beta-tilde), "fixed_large" (beta) or
-            "learned_range" (Nichol & Dhariwal 2021; the UNet then outputs twice the channels).
-        min_snr_gamma: min-SNR-gamma loss weighting, None for the plain L_simple.
-        vlb_weight: lambda of L_hybrid = L_simple + lambda L_vlb, used with learned_range only.
-        sigma_data: the data's standard deviation assumed by objective "edm".
-        timestep_sampling: the training distribution of t, "uniform" (the paper) or "lognormal" (Karras et al.
-            2022's log-normal over sigma, with `lognormal_mean` and `lognormal_std`).
         cond_drop_prob: for class-conditional models (model.num_classes), the probability that a label is
             replaced by the null label in training, so classifier-free guidance can sample (Ho & Salimans 2022).
         optimizer: "adam" (the paper) or "adamw".
@@ -95,8 +92,12 @@ class DiffusionModule(LightningModule):
         eval_inception_weights: path of the Inception weights file (None: torch hub's cache).
         eval_bpd_timesteps: timesteps of the quick held-out bits/dim estimate (None: all T).
         channels_last: store the UNet's convolution weights and the training batches NHWC
-            (torch.channels_last), the layout oneDNN's CPU and cuDNN's tensor-core convolutions run fastest;
-            the activations follow the weights. Numerically the same net.
+            (torch.channels_last), the layout oneDNN's fp32 and cuDNN's tensor-core convolutions run fastest;
+            the activations follow the weights. Numerically the same net. The config's `auto` is settled by
+            train.py for the hardware before the module is built (ddpm.hardware.choose).
+        **process: the forward process's and the loss's options, passed to GaussianDiffusion, which documents each
+            (PROCESS_OPTIONS: objective, variance, min_snr_gamma, vlb_weight, sigma_data, timestep_sampling,
+            lognormal_mean, lognormal_std); hyperparameters like the others (module.objective=v, ...).
     """
 
     def __init__(
@@ -104,14 +105,6 @@ class DiffusionModule(LightningModule):
         unet: dict[str, Any],
         schedule: str = "linear",
         timesteps: int = 1000,
-        objective: Objective = "eps",
-        variance: Variance = "fixed_small",
-        min_snr_gamma: float | None = None,
-        vlb_weight: float = 0.001,
-        sigma_data: float = 0.5,
-        timestep_sampling: TimestepSampling = "uniform",
-        lognormal_mean: float = -1.2,
-        lognormal_std: float = 1.2,
         cond_drop_prob: float = 0.0,
         optimizer: Optimizer = "adam",
         lr: float = 2e-4,
@@ -131,6 +124,7 @@ class DiffusionModule(LightningModule):
         eval_inception_weights: str | None = None,
         eval_bpd_timesteps: int | None = 100,
         channels_last: bool = True,
+        **process: Any,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -140,12 +134,14 @@ class DiffusionModule(LightningModule):
             raise ConfigError(f"model.{unknown[0]} is not a UNet argument; known: {', '.join(sorted(known))}")
         check_module({k: v for k, v in self.hparams.items() if k != "unet"})  # by config key: module.lr, ...
         validate_metrics(eval_metrics, key="module.eval_metrics")
+        unknown = sorted(set(process) - set(PROCESS_OPTIONS))
+        if unknown:
+            raise ConfigError(f"module.{unknown[0]} is not an option of the module; its process options: {', '.join(PROCESS_OPTIONS)}")
+        self.hparams.update({**PROCESS_DEFAULTS, **process})  # every option in the checkpoint, defaults included
+        if not isinstance(channels_last, bool):
+            raise ConfigError(f"module.channels_last={channels_last}: the module takes true or false; train.py settles auto for the hardware")
         try:
-            self.diffusion = GaussianDiffusion(
-                make_betas(schedule, timesteps), objective=objective, variance=variance,
-                min_snr_gamma=min_snr_gamma, vlb_weight=vlb_weight, sigma_data=sigma_data,
-                timestep_sampling=timestep_sampling, lognormal_mean=lognormal_mean, lognormal_std=lognormal_std,
-            )  # fmt: skip
+            self.diffusion = GaussianDiffusion(make_betas(schedule, timesteps), **process)
             unet = dict(unet)
             if unet.get("out_channels") is None:  # learned_range predicts a variance too: twice the channels
                 unet["out_channels"] = self.diffusion.model_channels(unet.get("in_channels", 3))
