@@ -91,6 +91,7 @@ CASES = [
     sample("mask_without_init", "ckpt={ckpt}", "mask=right", named=("mask=right", "init=PATH")),
     sample("strength_range", "ckpt={ckpt}", "init={tmp}/rgb.npz", "strength=1.5", named=("strength=1.5", "[0, 1]")),
     sample("resample_sampler", "ckpt={ckpt}", "init={tmp}/rgb.npz", "mask=left", "resample=4", named=("resample=4", "sampler=ddpm")),
+    sample("resample_option", "ckpt={ckpt}", "sampler=ddpm", "+sampler_options.resample=3", named=("sampler_options.resample=3", "resample=3")),
     sample("interpolate_stochastic", "ckpt={ckpt}", "interpolate=4", named=("interpolate=4", "deterministic sampler", "heun")),
     sample("init_missing", "ckpt={ckpt}", "init={tmp}/none.png", named=("init={tmp}/none.png", "no such file or folder")),
     sample("init_shape", "ckpt={ckpt}", "init={tmp}/rgb.npz", named=("init={tmp}/rgb.npz", "(3, 32, 32) images")),

@@ -185,6 +185,7 @@ def check_module(args: Mapping[str, Any]) -> None:
         "eval_n": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
         "eval_extractor": (lambda v: v in EXTRACTORS, " or ".join(sorted(EXTRACTORS))),
         "eval_bpd_timesteps": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1 (capped at schedule.timesteps)"),
+        "channels_last": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     }
     for name, (ok, accepted) in rules.items():
         if name in a:
@@ -222,9 +223,10 @@ def check_data(args: Mapping[str, Any]) -> None:
             check(f"data.{name}", args[name], lambda: ok(args[name]), accepted)
 
 
-# Lightning's precisions that the UNet and the diffusion run under (the last four are Lightning's short names for
-# 64-true, 32-true, 16-mixed and bf16-mixed); transformer-engine would need NVIDIA's layers, which the UNet has not.
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "32", "16", "bf16")
+# train.py's "auto" (ddpm.hardware.auto_precision), then Lightning's precisions that the UNet and the diffusion run
+# under (the last four are Lightning's short names for 64-true, 32-true, 16-mixed and bf16-mixed); transformer-engine
+# would need NVIDIA's layers, which the UNet has not.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "32", "16", "bf16")
 _MAX_TIME = re.compile(r"^\d+:\d{1,2}:\d{1,2}:\d{1,2}$")
 
 
@@ -252,7 +254,7 @@ def check_trainer(trainer: Mapping[str, Any], precision_key: str = "hardware.pre
         "gradient_clip_val": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
         "num_nodes": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "devices": (_devices_ok, "auto, -1 (all), a count >= 1, or a list of device indices such as [0,1]"),
-        "precision": (lambda v: str(v) in PRECISIONS, " | ".join(PRECISIONS[:6])),
+        "precision": (lambda v: str(v) in PRECISIONS, " | ".join(PRECISIONS[:7])),
     }
     for name, (ok, accepted) in rules.items():
         if name in trainer:
@@ -372,6 +374,8 @@ def _check_editing(cfg: DictConfig, samplers: list[str], stochastic: set[str]) -
     for key, value in (("mask", mask), ("strength", strength)):
         if value is not None and not init:
             raise ConfigError(f"{key}={value} edits images: give them with init=PATH (an npz, an image file or a folder of images)")
+    if "resample" in (cfg.get("sampler_options") or {}):  # the top-level option is checked and counted; this would not be
+        raise ConfigError(f"sampler_options.resample={cfg.sampler_options.resample}: set RePaint's resampling as resample={cfg.sampler_options.resample}")
     resample = cfg.get("resample", 1)
     if resample > 1 and (cfg.sampler != "ddpm" or mask is None):
         raise ConfigError(f"resample={resample} is RePaint's resampling of inpainting steps: it needs mask= and sampler=ddpm (got sampler={cfg.sampler}, mask={mask})")
