@@ -40,6 +40,9 @@ def train(cfg: DictConfig) -> float | None:
     """Instantiate data, module, callbacks, logger and trainer from `cfg`, fit, and return the last value of
     `cfg.optimized_metric` (val/loss by default), what a sweeper such as Optuna minimises."""
     import lightning.pytorch as pl
+    import torch
+
+    from ddpm import hardware
 
     if job_number() is not None:  # a single run was checked by the Validate callback before its dir existed
         check_train_run(cfg)
@@ -66,6 +69,15 @@ def train(cfg: DictConfig) -> float | None:
         hint = "; name the run with name=<name> or hydra.run.dir=<run dir>"
         ckpt_path = resume_checkpoint(run_dir, key="resume=true", hint=hint)
 
+    chosen = hardware.choose(cfg.trainer.accelerator, cfg.get("threads", "auto"), cfg.module.unet.image_size, cfg.trainer.precision,
+                              cfg.module.channels_last, hardware.native_bf16())  # fmt: skip
+    if chosen.threads is not None:
+        torch.set_num_threads(chosen.threads)
+    cfg.trainer.precision, cfg.module.channels_last = chosen.precision, chosen.channels_last
+    if cfg.hardware.get("precision") == "auto":
+        cfg.hardware.precision = chosen.precision  # the logged config says what ran
+    if runlock.is_global_rank_zero():
+        print(chosen.line)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
@@ -96,15 +108,6 @@ def train(cfg: DictConfig) -> float | None:
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]  # write-then-rename
     )
-    if isinstance(trainer.accelerator, pl.accelerators.CPUAccelerator):
-        import torch
-
-        from ddpm.hardware import cpu_threads
-
-        threads, why = cpu_threads(cfg.threads, module.unet.image_size)
-        torch.set_num_threads(threads)
-        if trainer.is_global_zero:
-            print(f"cpu threads: {threads} ({why}; threads=N sets it)")
     # the module and data log their own hparams; add the rest of the run's choices
     resolved = OmegaConf.to_container(cfg, resolve=True)
     choices = {key: resolved[key] for key in ("seed", "name", "hardware", "trainer", "callbacks")}

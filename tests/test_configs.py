@@ -150,6 +150,7 @@ def test_schemas_convert_values(tmp_path: Path) -> None:
         (["module.objective=score"], "module.objective='score'"),
         (["module.timestep_sampling=beta"], "module.timestep_sampling='beta'"),
         (["module.sigma_data=0"], "module.sigma_data=0"),
+        (["module.channels_last=yes"], "module.channels_last='yes'"),
     ],
 )
 def test_check_train_names_the_key(overrides: list[str], named: str, tmp_path: Path) -> None:
