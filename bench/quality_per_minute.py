@@ -3,10 +3,13 @@
     python bench/quality_per_minute.py --minutes 1,2,5 --levers default,bf16,v,edm,lognormal,diffusers --jobs 2
     python bench/quality_per_minute.py --skip-training --levers default,v   # score the runs of an earlier call
     python bench/quality_per_minute.py --minutes 5 --levers default --lever fast module.lr_decay=cosine trainer.max_steps=1000
+    python bench/quality_per_minute.py --steps 2100,2800 --levers default,bf16 --seeds 0,1   # step budgets instead
 
 Each lever is the digits demo config (`python train.py`, `--base` overrides, then the lever's own) trained for the
 largest of `--minutes` on `--threads` threads, `--jobs` runs at a time (so every run gets the same share of
-the machine), with a checkpoint every minute. The lever `diffusers` (and `diffusers_bf16`, under bf16 autocast) is
+the machine), with a checkpoint every minute. With `--steps` each of ours trains to the largest step budget
+instead, keeping a checkpoint at each, so the load on the machine cannot move its figures (a step count for a
+lever's minutes comes from its steps per second, measured side by side). The lever `diffusers` (and `diffusers_bf16`, under bf16 autocast) is
 the plain loop a diffusers user writes: UNet2DModel of 4.0M parameters, DDPMScheduler (linear, T = 1000), AdamW
 2e-4, EMAModel (0.9999 with its warm-up), batch 128 of the same train split, snapshots of the EMA weights every
 minute. Every snapshot then draws `--n` samples (once per `--seeds`) at each of `--nfe` network evaluations,
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -139,8 +143,23 @@ def sample_ours(path: Path, n: int, nfe: int, sampler: str, seed: int, batch_siz
 # ---- the benchmark ------------------------------------------------------------------------------------
 
 
-def train_all(levers: list[str], minutes: int, out_dir: Path, base: list[str], jobs: int, threads: int, custom: dict[str, list[str]]) -> None:
-    """Train every lever, `jobs` at a time, each on `threads` threads."""
+def step_command(run_dir: Path, steps: list[int], overrides: list[str]) -> list[str]:
+    """`python train.py` to the largest of `steps`, keeping <run_dir>/checkpoints/steps/step_<N>.ckpt at each of them."""
+    every = math.gcd(*steps)
+    return [
+        sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"trainer.max_steps={max(steps)}",
+        "+callbacks.at_steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"+callbacks.at_steps.dirpath={run_dir}/checkpoints/steps", "+callbacks.at_steps.filename='step_{step:06d}'",
+        "+callbacks.at_steps.auto_insert_metric_name=false", "+callbacks.at_steps.save_top_k=-1",
+        f"+callbacks.at_steps.every_n_train_steps={every}", *overrides,
+    ]  # fmt: skip
+
+
+def train_all(
+    levers: list[str], minutes: int, out_dir: Path, base: list[str], jobs: int, threads: int, custom: dict[str, list[str]],
+    steps: list[int] | None = None,
+) -> None:
+    """Train every lever, `jobs` at a time, each on `threads` threads, for `minutes` (or to the largest of `steps`)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     commands = []
     for lever in levers:
@@ -150,6 +169,9 @@ def train_all(levers: list[str], minutes: int, out_dir: Path, base: list[str], j
             commands.append(cmd + (["--bf16-worker"] if lever == "diffusers_bf16" else []))
         else:
             overrides = [*base, *LEVERS.get(lever, []), *custom.get(lever, []), "logger=csv", "module.sample_every_n_steps=0"]
+            if steps:
+                commands.append(step_command(run_dir, steps, overrides))
+                continue
             cmd = train_command(run_dir, minutes, overrides)
             if any(o.startswith("trainer.max_steps=") for o in overrides):  # a step budget too: whichever ends first
                 cmd.remove("trainer.max_steps=-1")
@@ -180,9 +202,16 @@ def snapshots(lever: str, run_dir: Path, minutes: list[int]) -> dict[float, Path
     return found
 
 
+def step_snapshots(run_dir: Path, steps: list[int]) -> dict[float, Path]:
+    """{step: checkpoint} at each of `steps` that the run of `step_command` wrote."""
+    found = {n: run_dir / "checkpoints" / "steps" / f"step_{n:06d}.ckpt" for n in steps}
+    return {n: p for n, p in found.items() if p.exists()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", default="1,2,5")
+    p.add_argument("--steps", default="", help="step budgets (e.g. 2100,2800) instead of --minutes, for our levers only")
     p.add_argument("--levers", default="default,bf16,v,edm,lognormal,min_snr5,diffusers,diffusers_bf16")
     p.add_argument("--base", nargs="*", default=[], help="train.py overrides under every lever of ours")
     p.add_argument("--lever", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
@@ -212,15 +241,19 @@ def main() -> None:
     unknown = [lever for lever in levers if lever not in LEVERS and lever not in DIFFUSERS and lever not in custom]
     if unknown:
         raise SystemExit(f"unknown lever {unknown[0]!r}; known: {', '.join([*LEVERS, *DIFFUSERS])}")
+    steps = sorted(int(n) for n in args.steps.split(",") if n)
+    if steps and any(lever in DIFFUSERS for lever in levers):
+        raise SystemExit("--steps budgets our levers only; the diffusers loop runs for --minutes")
     out_dir = Path(args.out_dir)
     if not args.skip_training:
-        train_all(levers, minutes[-1], out_dir, args.base, args.jobs, args.threads, custom)
+        train_all(levers, minutes[-1], out_dir, args.base, args.jobs, args.threads, custom, steps)
     seeds = [int(v) for v in args.seeds.split(",")]
     fid_at = sorted({int(k) for k in args.fid_at.split(",") if k} | {args.n}) if args.fid_at else [args.n]
     evaluator = SampleEvaluator(digits_split("val")[0], floor_real=digits_split("train")[0], metrics=("fid",))
     rows = []
     for lever in levers:
-        for minute, path in sorted(snapshots(lever, out_dir / lever, minutes).items()):
+        found = step_snapshots(out_dir / lever, steps) if steps else snapshots(lever, out_dir / lever, minutes)
+        for at, path in sorted(found.items()):  # minutes, or steps with --steps
             for nfe in (int(v) for v in args.nfe.split(",")):
                 draws = []
                 for seed in seeds:
@@ -231,7 +264,7 @@ def main() -> None:
                             x, step = sample_ours(path, args.n, nfe, args.sampler, seed, args.batch_size)
                     draws.append({k: evaluator(x[:k].float()) for k in fid_at})
                 fids = [d[args.n]["fid"] for d in draws]
-                row = {"lever": lever, "minutes": minute, "step": step, "nfe": nfe, "n": args.n, "seeds": seeds,
+                row = {"lever": lever, "minutes": None if steps else at, "step": step, "nfe": nfe, "n": args.n, "seeds": seeds,
                        "fid": statistics.mean(fids), "fid_draws": fids, "fid_floor": draws[0][args.n]["fid_floor"]}  # fmt: skip
                 row["ratio"] = row["fid"] / row["fid_floor"]
                 if len(fid_at) > 1:
@@ -239,7 +272,8 @@ def main() -> None:
                 rows.append(row)
                 extra = f"  FID_inf {row['fid_inf']:6.2f}" if "fid_inf" in row else ""
                 spread = f" (sd {statistics.stdev(fids):4.2f} over {len(fids)} draws)" if len(fids) > 1 else ""
-                print(f"{lever:15s} {minute:5.2f} min  step {step:5d}  NFE {nfe:3d}:  FID {row['fid']:6.2f}{spread} / floor "
+                when = "" if steps else f"{at:5.2f} min  "
+                print(f"{lever:15s} {when}step {step:5d}  NFE {nfe:3d}:  FID {row['fid']:6.2f}{spread} / floor "
                       f"{row['fid_floor']:5.2f} = {row['ratio']:4.2f}x{extra}", flush=True)  # fmt: skip
     out = Path(args.out) if args.out else out_dir / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
