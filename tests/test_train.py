@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import ROOT, run_script, train
 from ddpm.callbacks import EMA
+from ddpm.hardware import auto_channels_last, auto_precision, native_bf16
 from ddpm.images import make_grid
 from ddpm.checkpoints import load_module
 from ddpm.module import DiffusionModule
@@ -52,7 +53,9 @@ def test_train_writes_run_dir(schedule: str, trained_run: Path, tmp_path: Path) 
     if schedule != "linear":  # uniform t: every quarter of [0, T) is trained and logged
         out = train(run_dir, f"schedule={schedule}", "threads=auto", "module.timestep_sampling=uniform").stdout
         assert f"run dir: {run_dir}" in out and "last sample grid:" in out
-        assert "cpu threads: 1 (threads=auto, OMP_NUM_THREADS=1; threads=N sets it)" in out  # the tests' environment
+        precision = auto_precision("cpu", 1, native_bf16())[0]  # bf16-mixed on a CPU with native bf16
+        assert f"hardware: cpu, 1 thread (threads=auto, OMP_NUM_THREADS=1), precision=auto: {precision}" in out  # the tests' environment
+        assert "channels_last=auto: " + ("NHWC" if auto_channels_last("cpu", precision) else "NCHW") in out
         tree = out[: out.index("run dir:")]  # the composed config, resolved, printed as a tree first
         assert tree.lstrip().startswith("config") and "name: cosine" in tree and "timestep_sampling: uniform" in tree
         assert tree.index("data") < tree.index("model") < tree.index("module") < tree.index("trainer")
@@ -66,7 +69,8 @@ def test_train_writes_run_dir(schedule: str, trained_run: Path, tmp_path: Path) 
 
 def test_ema_weights(ckpt: Path, trained_run: Path) -> None:
     """EMA and live weights differ after training; neither holds the schedule constants (they follow from the
-    hyperparameters); the grid written at the end is the EMA model's fixed-seed sample."""
+    hyperparameters); the grid written at the end is the EMA model's fixed-seed sample, drawn under the precision
+    the run trained in (bf16 autocast where `precision: auto` chose it)."""
     c = load(ckpt)
     ema, live = c["state_dict"], c["current_model_state"]
     assert set(ema) == set(live)
@@ -80,9 +84,11 @@ def test_ema_weights(ckpt: Path, trained_run: Path) -> None:
 
     grid = np.asarray(Image.open(trained_run / "samples" / "step_000008.png"))
     hp = c["hyper_parameters"]
+    bf16 = auto_precision("cpu", 1, native_bf16())[0] == "bf16-mixed"  # the tests' environment: one thread
     for use_ema, same in ((True, True), (False, False)):
         module = load_module(ckpt, use_ema=use_ema).module
-        images = module.sample(hp["sample_n"], hp["sample_sampler"], hp["sample_steps"], seed=hp["sample_seed"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            images = module.sample(hp["sample_n"], hp["sample_sampler"], hp["sample_steps"], seed=hp["sample_seed"])
         assert np.array_equal(np.asarray(make_grid(images)), grid) == same
 
 
