@@ -69,13 +69,9 @@ def train(cfg: DictConfig) -> float | None:
         hint = "; name the run with name=<name> or hydra.run.dir=<run dir>"
         ckpt_path = resume_checkpoint(run_dir, key="resume=true", hint=hint)
 
-    chosen = hardware.choose(cfg.trainer.accelerator, cfg.get("threads", "auto"), cfg.module.unet.image_size, cfg.trainer.precision,
-                              cfg.module.channels_last, hardware.native_bf16())  # fmt: skip
+    chosen = hardware.settle(cfg)  # threads, precision and layout for this machine
     if chosen.threads is not None:
         torch.set_num_threads(chosen.threads)
-    cfg.trainer.precision, cfg.module.channels_last = chosen.precision, chosen.channels_last
-    if cfg.hardware.get("precision") == "auto":
-        cfg.hardware.precision = chosen.precision  # the logged config says what ran
     if runlock.is_global_rank_zero():
         print(chosen.line)
     pl.seed_everything(cfg.seed, workers=True)

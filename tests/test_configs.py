@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from ddpm import hardware
 from ddpm.config import user_error_message  # importing ddpm.config registers the ${or:...} resolver and the schemas
 from conftest import ROOT
 from ddpm.module import DiffusionModule
@@ -29,7 +30,9 @@ def compose_train(overrides: list[str], run_dir: Path) -> DictConfig:
 
 
 def instantiate_all(cfg: DictConfig) -> DiffusionModule:
-    """Build what train.py builds (the data only as an object: no files are read)."""
+    """Build what train.py builds (the data only as an object: no files are read), with the hardware's auto settings
+    settled as train.py settles them."""
+    hardware.settle(cfg)
     hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
@@ -79,6 +82,7 @@ def test_ddpm_cifar10_is_the_papers_model(tmp_path: Path) -> None:
     assert (cfg.module.lr, cfg.module.warmup_steps, cfg.trainer.max_steps) == (2e-4, 5000, 800_000)
     assert (cfg.module.timestep_sampling, cfg.module.lr_decay, cfg.module.objective) == ("uniform", "none", "eps")
     assert cfg.trainer.gradient_clip_val == 1.0 and cfg.callbacks.ema.decay == 0.9999
+    hardware.settle(cfg)
     module = hydra.utils.instantiate(cfg.module)
     n = module.unet.num_params()
     assert abs(n - 35.7e6) / 35.7e6 < 0.01, n
@@ -92,6 +96,7 @@ def test_cli_group_choice_wins_over_experiment(tmp_path: Path) -> None:
 
 def test_timesteps_and_resolution_overrides(tmp_path: Path) -> None:
     cfg = compose_train(["schedule=cosine", "schedule.timesteps=250", "data.resolution=16"], tmp_path)
+    hardware.settle(cfg)
     module = hydra.utils.instantiate(cfg.module)
     assert module.diffusion.num_timesteps == 250 and module.image_shape == (1, 16, 16)
 

@@ -410,18 +410,19 @@ def test_evaluation_is_the_same_on_one_and_two_ranks(tmp_path: Path) -> None:
 # ---- torch.compile --------------------------------------------------------------------------------------
 
 
-def test_compile_trains_end_to_end(tmp_path: Path, trained_run: Path) -> None:
+def test_compile_trains_end_to_end(tmp_path: Path) -> None:
     """compile=true through train.py: the compile time printed once and logged, and checkpoints as an eager
     run's. The aot_eager backend runs TorchDynamo's capture and AOTAutograd's joint graph as inductor does, but
     runs the captured ATen ops instead of generating C++ (inductor's first step takes ~70 s on this CPU), so its
-    weights match the eager run's (trained_run: the same config) to float rounding."""
-    run_dir = tmp_path / "run"
-    out = train(run_dir, "schedule=linear", "compile=true", "compile_options.backend=aot_eager").stdout
+    weights match an eager run of the same config to float rounding (both in fp32, where rounding is that small)."""
+    fp32 = ("schedule=linear", "hardware.precision=32-true")
+    out = train(tmp_path / "run", *fp32, "compile=true", "compile_options.backend=aot_eager").stdout
     assert out.count("torch.compile: ") == 1, out
-    metrics = (run_dir / "logs" / "metrics.csv").read_text()
+    metrics = (tmp_path / "run" / "logs" / "metrics.csv").read_text()
     assert "perf/compile_s" in metrics.splitlines()[0]
-    compiled = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    eager = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    train(tmp_path / "eager", *fp32)
+    compiled = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    eager = torch.load(tmp_path / "eager" / "checkpoints" / "last.ckpt", weights_only=True)
     assert compiled["global_step"] == eager["global_step"] == 8
     for key in ("state_dict", "current_model_state"):
         assert compiled[key].keys() == eager[key].keys()  # nn.Module.compile: no _orig_mod prefixes

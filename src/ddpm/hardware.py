@@ -96,3 +96,15 @@ def choose(accelerator: Any, threads: int | str, image_size: int, precision: str
         parts.append(f"channels_last={str(bool(channels_last)).lower()}")
     line = "hardware: " + ", ".join(parts) + " (threads=N, hardware.precision=..., module.channels_last=... set them)"
     return Choices(n, precision, bool(channels_last), line)
+
+
+def settle(cfg: Any) -> Choices:
+    """Choose for a composed train config (a DictConfig) and write the choices into it: trainer.precision (and
+    hardware.precision where it said auto, so the logged config says what ran) and module.channels_last. The
+    caller sets the threads (torch.set_num_threads) and prints the line."""
+    chosen = choose(cfg.trainer.accelerator, cfg.get("threads", "auto"), cfg.module.unet.image_size, cfg.trainer.precision,
+                    cfg.module.channels_last, native_bf16())  # fmt: skip
+    cfg.trainer.precision, cfg.module.channels_last = chosen.precision, chosen.channels_last
+    if cfg.hardware.get("precision") == "auto":
+        cfg.hardware.precision = chosen.precision
+    return chosen
