@@ -14,7 +14,7 @@ from ddpm.config import user_error_message  # importing ddpm.config registers th
 from conftest import ROOT
 from ddpm.module import DiffusionModule
 from ddpm.errors import ConfigError
-from ddpm.schema import check_train
+from ddpm.schema import check_train, check_trainer, precisions
 
 CONF = ROOT / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in sorted(CONF.iterdir()) if g.is_dir()}
@@ -162,6 +162,23 @@ def test_check_train_names_the_key(overrides: list[str], named: str, tmp_path: P
     with pytest.raises(ConfigError) as e:
         check_train(compose_train(overrides, tmp_path))
     assert str(e.value).startswith(named + " is invalid: expected "), str(e.value)
+
+
+def test_precisions_are_lightnings_own() -> None:
+    """The validator's precisions are the ones Lightning's Trainer converts (transformer-engine's aside), so the
+    two cannot drift; the message of a bad one lists the full names."""
+    from lightning.fabric.connector import _convert_precision_to_unified_args
+
+    accepted = precisions()
+    assert accepted[0] == "auto" and {"32-true", "bf16-mixed", "16-mixed", "64-true", "bf16"} <= set(accepted)
+    for p in accepted[1:]:
+        assert _convert_precision_to_unified_args(p) in accepted
+    for bad in ("transformer-engine", "bf17", "8"):
+        with pytest.raises(ConfigError) as e:
+            check_trainer({"precision": bad})
+        assert str(e.value) == f"hardware.precision={bad!r} is invalid: expected " + " | ".join(
+            p for p in accepted if p == "auto" or "-" in p
+        )
 
 
 def test_lr_decay_without_max_steps_is_refused(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddpm.hardware import ONE_THREAD_MAX_SIZE, auto_channels_last, auto_precision, choose, cpu_threads
-from ddpm.schema import PRECISIONS
+from ddpm.schema import precisions
 
 
 def test_a_number_is_taken_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,7 +46,7 @@ def test_auto_precision_is_fp32_off_the_cpu() -> None:
     assert auto_precision("gpu", 1, True)[0] == "32-true"
 
 
-@pytest.mark.parametrize("precision", PRECISIONS[1:])
+@pytest.mark.parametrize("precision", precisions()[1:])
 @pytest.mark.parametrize("accelerator", ["cpu", "gpu"])
 def test_auto_layout_is_nchw_only_under_bf16_on_the_cpu(accelerator: str, precision: str) -> None:
     assert auto_channels_last(accelerator, precision) == (not (accelerator == "cpu" and "bf16" in precision))

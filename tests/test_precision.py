@@ -22,11 +22,11 @@ from ddpm.callbacks import EMA
 from ddpm.diffusion import Objective, TimestepSampling, Variance
 from ddpm.module import DiffusionModule
 from ddpm.samplers import SAMPLERS
-from ddpm.schema import PRECISIONS
+from ddpm.schema import precisions
 from oracles import GaussianOracle
 
 # the precisions under their full names (the short aliases 64, 32, 16 and bf16 are the same plugins)
-TRAIN_PRECISIONS = [p for p in PRECISIONS if "-" in p]
+TRAIN_PRECISIONS = [p for p in precisions() if "-" in p]
 DTYPES = [torch.bfloat16, torch.float16, torch.float64]
 
 

@@ -14,6 +14,7 @@ experiment files may add keys); their values are checked here by hand.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -123,14 +124,15 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def check(key: str, value: Any, ok: Callable[[], bool] | bool, accepted: str) -> None:
-    """Raise ConfigError `<key>=<value> is invalid: expected <accepted>` unless ok (a TypeError inside ok() counts as no)."""
+def check(key: str, value: Any, ok: Callable[[], bool] | bool, accepted: str | Callable[[], str]) -> None:
+    """Raise ConfigError `<key>=<value> is invalid: expected <accepted>` unless ok (a TypeError inside ok() counts as
+    no); `accepted` may be a function, called only for the message."""
     try:
         good = bool(ok() if callable(ok) else ok)
     except TypeError:
         good = False
     if not good:
-        raise ConfigError(f"{key}={_show(value)} is invalid: expected {accepted}")
+        raise ConfigError(f"{key}={_show(value)} is invalid: expected {accepted() if callable(accepted) else accepted}")
 
 
 def _show(value: Any) -> str:
@@ -223,10 +225,21 @@ def check_data(args: Mapping[str, Any]) -> None:
             check(f"data.{name}", args[name], lambda: ok(args[name]), accepted)
 
 
-# train.py's "auto" (ddpm.hardware.auto_precision), then Lightning's precisions that the UNet and the diffusion run
-# under (the last four are Lightning's short names for 64-true, 32-true, 16-mixed and bf16-mixed); transformer-engine
-# would need NVIDIA's layers, which the UNet has not.
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "32", "16", "bf16")
+@functools.cache
+def precisions() -> tuple[str, ...]:
+    """train.py's "auto" (ddpm.hardware.auto_precision), then the precisions Lightning's Trainer accepts, read
+    from its own type (full names first, then its short names 64, 32, 16 and bf16).
+
+    Lightning's transformer-engine precisions are left out: they need NVIDIA's layers, which the UNet has not.
+    The type is private to Lightning; pyproject.toml pins the range it was read from.
+    """
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    names = [str(value) for literal in get_args(_PRECISION_INPUT) for value in get_args(literal)]
+    full = [n for n in names if "-" in n and not n.startswith("transformer-engine")]
+    return ("auto", *dict.fromkeys(full + [n for n in names if "-" not in n]))
+
+
 _MAX_TIME = re.compile(r"^\d+:\d{1,2}:\d{1,2}:\d{1,2}$")
 
 
@@ -240,7 +253,7 @@ def _devices_ok(v: Any) -> bool:
 
 def check_trainer(trainer: Mapping[str, Any], precision_key: str = "hardware.precision") -> None:
     """The lightning.Trainer arguments that the configs set (any others pass to Lightning unchecked)."""
-    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+    rules: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
         "max_steps": (lambda v: is_int(v) and (v == -1 or v >= 1), "an integer >= 1, or -1 for no limit"),
         "max_epochs": (lambda v: v is None or (is_int(v) and v >= -1), "null, -1 or an integer >= 1"),
         "max_time": (lambda v: v is None or isinstance(v, Mapping) or bool(_MAX_TIME.match(str(v))), "null or DD:HH:MM:SS (00:00:05:00 is five minutes)"),
@@ -254,7 +267,8 @@ def check_trainer(trainer: Mapping[str, Any], precision_key: str = "hardware.pre
         "gradient_clip_val": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
         "num_nodes": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "devices": (_devices_ok, "auto, -1 (all), a count >= 1, or a list of device indices such as [0,1]"),
-        "precision": (lambda v: str(v) in PRECISIONS, " | ".join(PRECISIONS[:7])),
+        # "auto" needs no Lightning import (train.py's error paths stay fast); the full names in the message
+        "precision": (lambda v: str(v) == "auto" or str(v) in precisions(), lambda: " | ".join(p for p in precisions() if p == "auto" or "-" in p)),
     }
     for name, (ok, accepted) in rules.items():
         if name in trainer:
