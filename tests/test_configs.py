@@ -1,7 +1,9 @@
 """Every option of every config group composes (Hydra compose API) and instantiates; the presets hold their promises."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import get_args
 
 import hydra
 import pytest
@@ -14,7 +16,9 @@ from ddpm.config import user_error_message  # importing ddpm.config registers th
 from conftest import ROOT
 from ddpm.module import DiffusionModule
 from ddpm.errors import ConfigError
-from ddpm.schema import check_train, check_trainer, precisions
+from ddpm.diffusion import Objective, Spacing, TimestepSampling, Variance
+from ddpm.samplers import SAMPLERS
+from ddpm.schema import LrDecay, Optimizer, check_train, check_trainer, precisions
 
 CONF = ROOT / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in sorted(CONF.iterdir()) if g.is_dir()}
@@ -179,6 +183,31 @@ def test_precisions_are_lightnings_own() -> None:
         assert str(e.value) == f"hardware.precision={bad!r} is invalid: expected " + " | ".join(
             p for p in accepted if p == "auto" or "-" in p
         )
+
+
+def _listed_choices(yaml_file: Path, key: str) -> set[str]:
+    """The choices a config file's comment lists for `key` (`key: value  # a (note) | b | c: more`), first word of each."""
+    line = next(line for line in yaml_file.read_text().splitlines() if line.strip().startswith(f"{key}:"))
+    comment = line.split("#", 1)[1].split(":", 1)[0]
+    return {re.match(r"[\w+.-]+", part.strip()).group() for part in comment.split(" | ")}
+
+
+@pytest.mark.parametrize(
+    ("yaml_file", "key", "choices"),
+    [
+        ("train.yaml", "sample_sampler", lambda: set(SAMPLERS)),
+        ("sample.yaml", "sampler", lambda: set(SAMPLERS)),
+        ("sample.yaml", "spacing", lambda: set(get_args(Spacing))),
+        ("train.yaml", "objective", lambda: set(get_args(Objective))),
+        ("train.yaml", "timestep_sampling", lambda: set(get_args(TimestepSampling))),
+        ("train.yaml", "variance", lambda: set(get_args(Variance))),
+        ("train.yaml", "optimizer", lambda: set(get_args(Optimizer))),
+        ("train.yaml", "lr_decay", lambda: set(get_args(LrDecay))),
+    ],
+)
+def test_config_comments_list_the_registered_choices(yaml_file: str, key: str, choices) -> None:
+    """A config comment's list of choices is the registry's or the Literal's, so a new option cannot be left out."""
+    assert _listed_choices(CONF / yaml_file, key) == choices()
 
 
 def test_lr_decay_without_max_steps_is_refused(tmp_path: Path) -> None:
