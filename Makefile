@@ -27,7 +27,7 @@ demo: $(STAMP)  ## train the default config (digits, CPU, ~5 min) into outputs/r
 	@# an earlier demo run is kept, renamed with its time, never deleted
 	if [ -d outputs/runs/demo ]; then mv outputs/runs/demo outputs/runs/demo.$$(date +%Y%m%d-%H%M%S); fi
 	$(PY) train.py name=demo
-	$(PY) sample.py ckpt=outputs/runs/demo n=64 sampler=dpmsolver++sde steps=20 out_dir=outputs/runs/demo/sample
+	$(PY) sample.py ckpt=outputs/runs/demo n=64 sampler=dpmsolver++sde steps=20 spacing=uniform out_dir=outputs/runs/demo/sample
 	@echo "demo grid: outputs/runs/demo/sample/grid.png (training grids: outputs/runs/demo/samples/)"
 
 test: $(STAMP)  ## run the test suite

@@ -514,11 +514,11 @@ class GaussianDiffusion(nn.Module):
 
         sampler: a name in ddpm.samplers.SAMPLERS ("ddpm": ancestral sampling, Ho et al. 2020 Alg. 2;
         "ddim": Song et al. 2021 eq. 12 with `eta` in [0, 1]; "dpmsolver++": DPM-Solver++(2M);
-        "dpmsolver++sde": its SDE variant with noise on the low-noise steps; "heun": Karras et al. 2022's
+        "dpmsolver++sde": its SDE variant, by default with noise on every step; "heun": Karras et al. 2022's
         2nd-order solver, 2 steps - 1 evaluations). `sampler_options`: keyword arguments particular to the
         sampler (e.g. {"s_tmax": math.inf} for dpmsolver++sde). `steps` < T runs on a
         respaced process over `steps` timesteps placed by `spacing` (see spaced_timesteps; None: the
-        sampler's default, uniform for ddpm and ddim, karras for the 2nd-order solvers).
+        sampler's default: uniform for ddpm and ddim, karras for the 2nd-order solvers).
         `generator` makes the result deterministic; `noise` gives x_T explicitly. Device: `device`,
         else the generator's, else this module's buffers'; the module itself is never moved (sampling on
         another device, or over fewer steps, runs on a respaced copy of the process).
