@@ -13,13 +13,13 @@ lever's minutes comes from its steps per second, measured side by side). The lev
 the plain loop a diffusers user writes: UNet2DModel of 4.0M parameters, DDPMScheduler (linear, T = 1000), AdamW
 2e-4, EMAModel (0.9999 with its warm-up), batch 128 of the same train split, snapshots of the EMA weights every
 minute. Every snapshot then draws `--n` samples (once per `--seeds`) at each of `--nfe` network evaluations,
-ours with `--sampler` and its default spacing, diffusers' with its own DPMSolverMultistepScheduler (DPM-Solver++(2M),
+ours with `--sampler` at `--spacing` (default: the sampler's own), diffusers' with its own DPMSolverMultistepScheduler (DPM-Solver++(2M),
 the SDE variant `sde-dpmsolver++` when `--sampler dpmsolver++sde`), and scores them with the digits-FID (the mean
 over the draws) against the val split (ddpm.metrics.SampleEvaluator); the ratio is over the FID of n real
 train images (the floor, all 1438 when n is larger). `--fid-at` also scores prefixes and extrapolates to
 infinitely many samples (ddpm.metrics.fid_infinity), over the FID of all 1438 train images: both sides then
 carry no small-sample bias. (At n > 1438 the plain ratio is not: a perfect model of the train images scores
-about 1.15x at n = 2000, see bench/fid_floor.py.) Prints a table, writes JSON.
+about 1.11x at n = 2000, see bench/fid_floor.py.) Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -132,13 +132,13 @@ def sample_diffusers(path: Path, n: int, nfe: int, seed: int, batch_size: int, a
 
 
 @torch.no_grad()
-def sample_ours(path: Path, n: int, nfe: int, sampler: str, seed: int, batch_size: int) -> tuple[torch.Tensor, int]:
+def sample_ours(path: Path, n: int, nfe: int, sampler: str, seed: int, batch_size: int, spacing: str | None) -> tuple[torch.Tensor, int]:
     from ddpm.samplers import network_evaluations
 
     loaded = load_module(path)
     steps = next(k for k in range(1, nfe + 1) if network_evaluations(sampler, k) >= nfe)  # heun: 2 K - 1 <= nfe
     g = torch.Generator().manual_seed(seed)
-    x = torch.cat([loaded.module.sample(min(batch_size, n - i), sampler, steps, generator=g) for i in range(0, n, batch_size)])
+    x = torch.cat([loaded.module.sample(min(batch_size, n - i), sampler, steps, generator=g, spacing=spacing) for i in range(0, n, batch_size)])
     return x.float(), loaded.global_step
 
 
@@ -225,7 +225,8 @@ def main() -> None:
     p.add_argument("--fid-at", default="", help="also score the first k samples (e.g. 500,1000) and extrapolate")
     p.add_argument("--nfe", default="20,50", help="network evaluations per sample")
     p.add_argument("--seeds", default="0", help="independent draws of --n samples per score (their mean FID is reported)")
-    p.add_argument("--sampler", default="dpmsolver++", help="our sampler (at its default spacing)")
+    p.add_argument("--sampler", default="dpmsolver++", help="our sampler")
+    p.add_argument("--spacing", default=None, help="our sampler's timestep spacing (uniform, trailing, karras; default: the sampler's own)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--bf16-sampling", action="store_true", help="sample ours and theirs under bf16 autocast (faster on a bf16 CPU)")
     p.add_argument("--out-dir", default="outputs/bench/quality_per_minute", help="the runs")
@@ -266,7 +267,7 @@ def main() -> None:
                         if lever in DIFFUSERS:
                             x, step = sample_diffusers(path, args.n, nfe, seed, args.batch_size, DIFFUSERS_ALGORITHM.get(args.sampler, "dpmsolver++"))
                         else:
-                            x, step = sample_ours(path, args.n, nfe, args.sampler, seed, args.batch_size)
+                            x, step = sample_ours(path, args.n, nfe, args.sampler, seed, args.batch_size, args.spacing)
                     draws.append({k: evaluator(x[:k].float()) for k in fid_at})
                 fids = [d[args.n]["fid"] for d in draws]
                 row = {"lever": lever, "minutes": None if steps else at, "step": step, "nfe": nfe, "n": args.n, "seeds": seeds,
