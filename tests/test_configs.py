@@ -158,6 +158,7 @@ def test_schemas_convert_values(tmp_path: Path) -> None:
         (["threads=0"], "threads=0"),
         (["module.objective=score"], "module.objective='score'"),
         (["module.timestep_sampling=beta"], "module.timestep_sampling='beta'"),
+        (["module.sample_spacing=log"], "module.sample_spacing='log'"),
         (["module.sigma_data=0"], "module.sigma_data=0"),
         (["module.channels_last=yes"], "module.channels_last='yes'"),
     ],
@@ -196,6 +197,7 @@ def _listed_choices(yaml_file: Path, key: str) -> set[str]:
     ("yaml_file", "key", "choices"),
     [
         ("train.yaml", "sample_sampler", lambda: set(SAMPLERS)),
+        ("train.yaml", "sample_spacing", lambda: set(get_args(Spacing))),
         ("sample.yaml", "sampler", lambda: set(SAMPLERS)),
         ("sample.yaml", "spacing", lambda: set(get_args(Spacing))),
         ("train.yaml", "objective", lambda: set(get_args(Objective))),

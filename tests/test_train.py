@@ -51,7 +51,7 @@ def check_run(run_dir: Path, steps: int = 8) -> dict:
 def test_train_writes_run_dir(schedule: str, trained_run: Path, tmp_path: Path) -> None:
     run_dir = trained_run if schedule == "linear" else tmp_path / "run"
     if schedule != "linear":  # uniform t: every quarter of [0, T) is trained and logged
-        out = train(run_dir, f"schedule={schedule}", "threads=auto", "module.timestep_sampling=uniform").stdout
+        out = train(run_dir, f"schedule={schedule}", "threads=auto", "module.timestep_sampling=uniform", "module.sample_spacing=trailing").stdout
         assert f"run dir: {run_dir}" in out and "last sample grid:" in out
         precision = auto_precision("cpu", 1, native_bf16())[0]  # bf16-mixed on a CPU with native bf16
         assert f"hardware: cpu, 1 thread (threads=auto, OMP_NUM_THREADS=1), precision=auto: {precision}" in out  # the tests' environment
@@ -65,6 +65,16 @@ def test_train_writes_run_dir(schedule: str, trained_run: Path, tmp_path: Path) 
     assert m["train/loss"][-1] < m["train/loss"][0]  # 8 steps at lr 1e-3 already lower the loss
     if schedule != "linear":  # loss is largest where x_t is least noisy for eps-prediction: q1 (small t) above q4
         assert m["train/loss_q1"][-1] > m["train/loss_q4"][-1]
+        # module.sample_spacing reaches the grid: it is the trailing-spaced sample, not the sampler's default (karras)
+        hp = ckpt["hyper_parameters"]
+        assert hp["sample_spacing"] == "trailing" and hp["sample_sampler"] == "dpmsolver++sde"
+        grid = np.asarray(Image.open(run_dir / "samples" / "step_000008.png"))
+        module = load_module(run_dir / "checkpoints" / "last.ckpt").module
+        bf16 = auto_precision("cpu", 1, native_bf16())[0] == "bf16-mixed"
+        for spacing, same in (("trailing", True), (None, False)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                images = module.sample(hp["sample_n"], hp["sample_sampler"], hp["sample_steps"], seed=hp["sample_seed"], spacing=spacing)
+            assert np.array_equal(np.asarray(make_grid(images)), grid) == same, spacing
 
 
 def test_ema_weights(ckpt: Path, trained_run: Path) -> None:
@@ -88,7 +98,7 @@ def test_ema_weights(ckpt: Path, trained_run: Path) -> None:
     for use_ema, same in ((True, True), (False, False)):
         module = load_module(ckpt, use_ema=use_ema).module
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            images = module.sample(hp["sample_n"], hp["sample_sampler"], hp["sample_steps"], seed=hp["sample_seed"])
+            images = module.sample(hp["sample_n"], hp["sample_sampler"], hp["sample_steps"], seed=hp["sample_seed"], spacing=hp["sample_spacing"])
         assert np.array_equal(np.asarray(make_grid(images)), grid) == same
 
 

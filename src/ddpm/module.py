@@ -81,6 +81,8 @@ class DiffusionModule(LightningModule):
         sample_n: images in the grid.
         sample_sampler: sampler for the grid and the evaluation (a name in ddpm.samplers.SAMPLERS).
         sample_steps: sampling steps for the grid and the evaluation (None: all T).
+        sample_spacing: where those steps lie, "uniform", "trailing" or "karras" (None: the sampler's default;
+            ddpm.diffusion.spaced_timesteps).
         sample_seed: seed of the grid's noise, fixed so grids are comparable across steps and runs (the evaluation's
             samples and bits/dim draw from seeds derived from it).
         eval_every_n_steps: every this many optimizer steps and at the end, score `eval_n` samples of the EMA weights
@@ -116,6 +118,7 @@ class DiffusionModule(LightningModule):
         sample_n: int = 64,
         sample_sampler: str = "ddim",
         sample_steps: int | None = 50,
+        sample_spacing: str | None = None,
         sample_seed: int = 0,
         eval_every_n_steps: int = 0,
         eval_n: int = 256,

@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 
 from ddpm.callbacks import EMA, ema_module
+from ddpm.diffusion import Spacing
 from ddpm.errors import ConfigError
 from ddpm.evaluation import SAMPLE_METRICS, build_evaluator, datamodule_images, dataset_images, dataset_labels, validate_metrics
 from ddpm.images import make_grid, save_grid, to_uint8
@@ -47,11 +48,13 @@ def _check_int(key: str, value: Any, least: int) -> int:
     return value
 
 
-def _check_sampler(key: str, sampler: str, steps: int | None) -> None:
+def _check_sampler(key: str, sampler: str, steps: int | None, spacing: str | None) -> None:
     if sampler not in SAMPLERS:
         raise ConfigError(f"{key}.sampler={sampler!r} is invalid: expected one of {', '.join(sorted(SAMPLERS))}")
     if steps is not None:
         _check_int(f"{key}.steps", steps, 1)
+    if spacing is not None and spacing not in get_args(Spacing):
+        raise ConfigError(f"{key}.spacing={spacing!r} is invalid: expected null or {' | '.join(get_args(Spacing))}")
 
 
 def _is_fsdp(trainer: pl.Trainer) -> bool:
@@ -110,10 +113,11 @@ def draw_samples(
     steps: int | None = 50,
     seed: int = 0,
     chunk_size: int = 64,
+    spacing: str | None = None,
 ) -> Tensor | None:
     """n samples (n, C, H, W) in [-1, 1] of `module` drawn over all ranks of `trainer`: chunk k from seed
     `seed + k * chunk_size` on rank k % world_size; all n (float32, CPU) on global rank 0, None on the others.
-    Every rank must call it (it gathers)."""
+    `spacing`: where the `steps` timesteps lie (None: the sampler's default). Every rank must call it (it gathers)."""
     num_classes = module.unet.num_classes
 
     def work(k: int | None, start: int, size: int) -> Tensor:
@@ -121,7 +125,7 @@ def draw_samples(
         if num_classes is not None:
             labels = (torch.arange(size) + start) % num_classes
         chunk_seed = seed if k is None else seed + start
-        return _call(trainer, module, "sample", size, sampler, steps, seed=chunk_seed, labels=labels)
+        return _call(trainer, module, "sample", size, sampler, steps, seed=chunk_seed, labels=labels, spacing=spacing)
 
     with torch.no_grad(), trainer.precision_plugin.forward_context():
         return _gather_rounds(trainer, n, chunk_size, work, tuple(module.image_shape))
@@ -173,6 +177,7 @@ class SampleGrid(_EveryNSteps):
         every_n_steps: optimizer steps between grids (0: none, not even at the end).
         n: images in the grid.
         sampler, steps: the sampler (ddpm.samplers.SAMPLERS) and its number of steps (None: all T).
+        spacing: where those steps lie, uniform | trailing | karras (None: the sampler's default).
         seed: the grid's noise, fixed so grids compare across steps, runs and world sizes.
         chunk_size: samples per sampling call and per seed (see the module docstring); a grid of at most this
             many images is drawn by one rank.
@@ -180,13 +185,13 @@ class SampleGrid(_EveryNSteps):
 
     def __init__(
         self, every_n_steps: int = 1000, n: int = 64, sampler: str = "ddim", steps: int | None = 50, seed: int = 0,
-        chunk_size: int = 64,
+        chunk_size: int = 64, spacing: str | None = None,
     ) -> None:  # fmt: skip
         self.every_n_steps = _check_int("callbacks.sample_grid.every_n_steps", every_n_steps, 0)
         self.n = _check_int("callbacks.sample_grid.n", n, 1)
         self.chunk_size = _check_int("callbacks.sample_grid.chunk_size", chunk_size, 1)
-        _check_sampler("callbacks.sample_grid", sampler, steps)
-        self.sampler, self.steps, self.seed = sampler, steps, seed
+        _check_sampler("callbacks.sample_grid", sampler, steps, spacing)
+        self.sampler, self.steps, self.seed, self.spacing = sampler, steps, seed, spacing
         self.last_path: Path | None = None
         self._last_step = -1  # the step of the last grid
 
@@ -205,7 +210,7 @@ class SampleGrid(_EveryNSteps):
         """Draw the grid of this step (every rank must call it); its path on global rank 0, None on the others."""
         step = self._last_step = trainer.global_step
         module = ema_module(trainer, pl_module)
-        images = draw_samples(trainer, module, self.n, self.sampler, self.steps, self.seed, self.chunk_size)
+        images = draw_samples(trainer, module, self.n, self.sampler, self.steps, self.seed, self.chunk_size, self.spacing)
         if images is None:
             return None
         path = save_grid(images, Path(trainer.default_root_dir) / "samples" / f"step_{step:06d}.png")
@@ -299,6 +304,7 @@ class Evaluation(_EveryNSteps):
         extractor: FID/KID features, "digits" or "inception"; inception_weights: its weights file (None: torch hub's cache).
         bpd_timesteps: timesteps of the stratified bits/dim estimate (None: all T; capped at T).
         sampler, steps: the sampler and its number of steps (None: all T).
+        spacing: where those steps lie, uniform | trailing | karras (None: the sampler's default).
         seed: the samples' chunk k is drawn from seed + 1 + k * chunk_size; bits/dim's chunk k from seed + k.
         chunk_size: samples (and held-out images) per sampling call and per seed.
     """
@@ -315,16 +321,17 @@ class Evaluation(_EveryNSteps):
         steps: int | None = 50,
         seed: int = 0,
         chunk_size: int = 64,
+        spacing: str | None = None,
     ) -> None:
         self.every_n_steps = _check_int("callbacks.evaluation.every_n_steps", every_n_steps, 0)
         self.n = _check_int("callbacks.evaluation.n", n, 2)
         self.chunk_size = _check_int("callbacks.evaluation.chunk_size", chunk_size, 1)
         self.metrics = validate_metrics(metrics, key="callbacks.evaluation.metrics")
-        _check_sampler("callbacks.evaluation", sampler, steps)
+        _check_sampler("callbacks.evaluation", sampler, steps, spacing)
         if bpd_timesteps is not None:
             _check_int("callbacks.evaluation.bpd_timesteps", bpd_timesteps, 1)
         self.extractor, self.inception_weights, self.bpd_timesteps = extractor, inception_weights, bpd_timesteps
-        self.sampler, self.steps, self.seed = sampler, steps, seed
+        self.sampler, self.steps, self.seed, self.spacing = sampler, steps, seed, spacing
         self.last_results: dict[str, float] = {}
         self._evaluator: Any = None  # SampleEvaluator on global rank 0
         self._heldout: tuple[Tensor, Tensor] | None = None  # val images and labels, for bpd
@@ -405,7 +412,7 @@ class Evaluation(_EveryNSteps):
         module = ema_module(trainer, pl_module)
         results: dict[str, float] = {}
         if self.sample_metrics:
-            images = draw_samples(trainer, module, self.n, self.sampler, self.steps, self.seed + 1, self.chunk_size)
+            images = draw_samples(trainer, module, self.n, self.sampler, self.steps, self.seed + 1, self.chunk_size, self.spacing)
             if images is not None:
                 results.update(self._evaluator(images))
         if "bpd" in self.metrics:

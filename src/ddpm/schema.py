@@ -153,7 +153,7 @@ def check_module(args: Mapping[str, Any]) -> None:
 
     `timesteps` and `schedule` are reported as `schedule.timesteps` / `schedule.name`, where users set them.
     """
-    from ddpm.diffusion import Objective, TimestepSampling, Variance  # torch: loaded when a module is checked
+    from ddpm.diffusion import Objective, Spacing, TimestepSampling, Variance  # torch: loaded when a module is checked
     from ddpm.metrics import EXTRACTORS
     from ddpm.samplers import SAMPLERS
     from ddpm.schedules import SCHEDULES
@@ -182,6 +182,7 @@ def check_module(args: Mapping[str, Any]) -> None:
         "sample_n": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "sample_sampler": (lambda v: v in SAMPLERS, " or ".join(sorted(SAMPLERS))),
         "sample_steps": (lambda v: v is None or (is_int(v) and 1 <= v <= T), f"null or an integer in [1, {T}] (schedule.timesteps)"),
+        "sample_spacing": (lambda v: v is None or v in get_args(Spacing), "null or " + " | ".join(get_args(Spacing))),
         "sample_seed": (is_int, "an integer"),
         "eval_every_n_steps": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
         "eval_n": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
