@@ -11,6 +11,7 @@ so a new schedule, sampler or spacing joins it by being registered. For each com
   its default spacing, the spread within the bounds of QUALITY;
 - with the two-component mixture oracle at 50 steps (default spacing), for every objective (the oracle speaks
   each parameterisation), component weights, mean and covariance match the data.
+The training grids' and the evaluation's path (draw_samples) is crossed with every sampler and spacing too.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from chain_moments import EXACT_MOMENTS, clamped_moments
+from conftest import perturbed
 from ddpm import GaussianDiffusion, make_betas
 from ddpm.diffusion import Objective, Spacing, spaced_timesteps
 from ddpm.samplers import DEFAULT_SPACING, SAMPLERS, network_evaluations
@@ -123,3 +125,34 @@ def test_sampler_matrix_against_the_mixture_oracle(schedule, sampler, objective)
     assert abs((component == 1).float().mean().item() - 0.7) < 3.5 * math.sqrt(0.21 / N)
     assert torch.allclose(x.mean(0), data.mean(0), atol=0.01)
     assert torch.allclose(torch.cov(x.T), torch.cov(data.T), atol=0.02)
+
+
+@pytest.fixture(scope="module")
+def grid_setup():
+    """A tiny DiffusionModule (T = 100) with perturbed weights (at the zero init every spacing of ddim gives the
+    same images) and an unfitted one-device Trainer: what SampleGrid and Evaluation hand to draw_samples."""
+    import lightning.pytorch as pl
+
+    from ddpm.module import DiffusionModule
+
+    torch.manual_seed(0)
+    unet = dict(image_size=8, in_channels=1, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[], norm_groups=8)
+    module = DiffusionModule(unet=unet, timesteps=100, warmup_steps=0, sample_every_n_steps=0)
+    perturbed(module.unet)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return trainer, module
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("spacing", [*SPACINGS, None])
+def test_training_grids_draw_every_sampler_at_every_spacing(grid_setup, sampler, spacing):
+    """module.sample_spacing reaches the samples of the training grids and the evaluation (draw_samples) for
+    every sampler: they are module.sample's at that spacing, and differ from the sampler's default spacing's."""
+    from ddpm.sample_callbacks import draw_samples
+
+    trainer, module = grid_setup
+    drawn = draw_samples(trainer, module, 4, sampler, 5, seed=3, chunk_size=8, spacing=spacing)
+    with torch.no_grad():
+        assert torch.equal(drawn, module.sample(4, sampler, 5, seed=3, spacing=spacing).float())
+        if spacing not in (None, DEFAULT_SPACING[sampler]):
+            assert not torch.equal(drawn, module.sample(4, sampler, 5, seed=3).float())

@@ -8,20 +8,12 @@ import math
 import pytest
 import torch
 
+from conftest import perturbed
 from ddpm.unet import UNet, timestep_embedding
 
 TINY = dict(base_channels=16, norm_groups=8, num_res_blocks=1, dropout=0.0)
 
 
-def perturbed(model: UNet, std: float = 0.05, seed: int = 0) -> UNet:
-    """The model in eval mode with noise added to every parameter. The paper's init zeroes the last
-    conv of each residual block, the attention outputs and the final conv, so at init the output is
-    identically 0 and would hide any dependence on x, t or y; after this every path carries signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 @pytest.mark.parametrize(
