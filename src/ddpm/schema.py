@@ -124,6 +124,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _null_or(literal: Any) -> tuple[Callable[[Any], bool], str]:
+    """The rule of a key that takes null or one of a Literal's values (a sampler's timestep spacing)."""
+    return (lambda v: v is None or v in get_args(literal), "null or " + " | ".join(get_args(literal)))
+
+
 def check(key: str, value: Any, ok: Callable[[], bool] | bool, accepted: str | Callable[[], str]) -> None:
     """Raise ConfigError `<key>=<value> is invalid: expected <accepted>` unless ok (a TypeError inside ok() counts as
     no); `accepted` may be a function, called only for the message."""
@@ -182,7 +187,7 @@ def check_module(args: Mapping[str, Any]) -> None:
         "sample_n": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "sample_sampler": (lambda v: v in SAMPLERS, " or ".join(sorted(SAMPLERS))),
         "sample_steps": (lambda v: v is None or (is_int(v) and 1 <= v <= T), f"null or an integer in [1, {T}] (schedule.timesteps)"),
-        "sample_spacing": (lambda v: v is None or v in get_args(Spacing), "null or " + " | ".join(get_args(Spacing))),
+        "sample_spacing": _null_or(Spacing),
         "sample_seed": (is_int, "an integer"),
         "eval_every_n_steps": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
         "eval_n": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
@@ -356,7 +361,7 @@ def check_sample(cfg: DictConfig) -> None:
         "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "sampler": (lambda v: v in SAMPLERS, " or ".join(sorted(SAMPLERS))),
         "steps": (lambda v: v is None or (is_int(v) and v >= 1), "null (all T) or an integer >= 1"),
-        "spacing": (lambda v: v is None or v in get_args(Spacing), "null or " + " | ".join(get_args(Spacing))),
+        "spacing": _null_or(Spacing),
         "eta": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
         "guidance_scale": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
         "class_label": (lambda v: v is None or (is_int(v) and v >= 0) or (len(v) > 0 and all(is_int(k) and k >= 0 for k in v)), "null, an integer >= 0 or a non-empty list of them"),
