@@ -34,6 +34,7 @@ from ddpm.config import check_train_run, clean_errors, job_number, print_config_
 from ddpm.errors import ConfigError
 
 EXIT_NONFINITE = 3
+RESUME_FROM = "DDPM_RESUME_FROM"  # rank 0's resume checkpoint ("" for none), read by the ranks plain ddp re-launches
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -62,12 +63,19 @@ def train(cfg: DictConfig) -> float | None:
     from ddpm.sample_callbacks import SampleGrid, check_monitored_checkpoints
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    # Rank 0 chooses the checkpoint; the ranks that plain ddp starts as copies of this script (at fit, inheriting this
+    # environment) take its choice. Ranks that torchrun or SLURM start alone choose for themselves, and choose alike:
+    # the choice depends only on the files (ddpm.checkpoints.newest_valid_checkpoint).
     ckpt_path = None
-    if cfg.ckpt_path:
+    if not runlock.is_global_rank_zero() and RESUME_FROM in os.environ:
+        ckpt_path = os.environ[RESUME_FROM] or None
+    elif cfg.ckpt_path:
         ckpt_path = resume_checkpoint(cfg.ckpt_path, key="ckpt_path")
     elif cfg.resume:
         hint = "; name the run with name=<name> or hydra.run.dir=<run dir>"
         ckpt_path = resume_checkpoint(run_dir, key="resume=true", hint=hint)
+    if runlock.is_global_rank_zero():
+        os.environ[RESUME_FROM] = str(ckpt_path or "")
 
     chosen = hardware.settle(cfg)  # threads, precision and layout for this machine
     if chosen.threads is not None:
@@ -110,7 +118,7 @@ def train(cfg: DictConfig) -> float | None:
     for logger in loggers:
         logger.log_hyperparams(choices)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # read as data, never executed
     except SIGTERMException:  # SIGTERM or Ctrl-C: ddpm.callbacks.Checkpoint saved at the end of the step
         stopped = trainer.checkpoint_callback
         signum = getattr(stopped, "stop_signal", None) or signal.SIGTERM

@@ -5,7 +5,6 @@ Faults are injected and observed by the test-only callbacks in tests/fault_hooks
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from conftest import FAST, ROOT, _env, train
-from ddpm.checkpoints import AtomicCheckpointIO, newest_valid_checkpoint, resume_checkpoint
+from ddpm.checkpoints import AtomicCheckpointIO, resume_checkpoint
 from ddpm.errors import ConfigError
 from ddpm.runlock import LOCK_NAME
 
@@ -193,20 +192,3 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path: Path) -> None:
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(3), "extra": Unpicklable()}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     assert load(path)["global_step"] == 1
-
-
-def test_newest_valid_checkpoint_goes_by_write_time(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    ckpt = {"state_dict": {}, "global_step": 0, "loops": {}}
-    for age, name in enumerate(["broken.ckpt", "not_lightning.ckpt", "newer.ckpt", "older.ckpt"]):
-        path = tmp_path / name
-        if name == "broken.ckpt":
-            path.write_bytes(b"not a zip file")
-        else:
-            torch.save({"weights": torch.ones(1)} if name == "not_lightning.ckpt" else ckpt, path)
-        os.utime(path, ns=(0, (100 - age) * 10**9))
-    with caplog.at_level(logging.WARNING, logger="ddpm.checkpoints"):
-        assert newest_valid_checkpoint(tmp_path) == tmp_path / "newer.ckpt"
-    skipped = [r.getMessage() for r in caplog.records]
-    assert len(skipped) == 2
-    assert str(tmp_path / "broken.ckpt") in skipped[0]
-    assert str(tmp_path / "not_lightning.ckpt") in skipped[1] and "not a training checkpoint" in skipped[1]

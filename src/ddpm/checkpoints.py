@@ -6,8 +6,8 @@ Lightning writes checkpoints through a CheckpointIO plugin (`Trainer(plugins=[..
 system, and nothing is fsynced. `AtomicCheckpointIO` writes next to the target and renames instead, so a
 crash (kill -9, power loss, a full disk) leaves either the old file or the new one, never half of one.
 
-`resume_checkpoint` picks what `resume=true` continues from: the newest `*.ckpt` in a run dir's
-checkpoints/ that loads, with a warning for each newer one that does not (truncated, corrupt, not a
+`resume_checkpoint` picks what `resume=true` continues from: the `*.ckpt` in a run dir's checkpoints/ with the
+highest global step among those that load, with a warning for each one that does not (truncated, corrupt, not a
 checkpoint).
 """
 from __future__ import annotations
@@ -62,6 +62,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             finally:
                 os.close(fd)
 
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, always with `weights_only=True`: a checkpoint handed in is read as data, never executed
+        (docs/reliability.md), whatever a caller asks; torch refuses any pickled global that is not plain data."""
+        if map_location is None:
+            return super().load_checkpoint(path, weights_only=True)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+def load_error(e: BaseException) -> str:
+    """Why torch.load failed, in one line. torch's weights_only refusal opens by suggesting weights_only=False, which
+    would run the file's code; the line that names what was refused (e.g. `GLOBAL posix.system`) is kept instead."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        detail = next((line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))), "")
+        return f"pickled objects other than weights, never loaded: {detail}".rstrip(": ")
+    return f"{type(e).__name__}: {first_line(e)}"
+
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """None when `path` loads as a Lightning training checkpoint, else a short reason why not.
@@ -75,30 +92,42 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors, ... for a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+        return load_error(e)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         return f"not a training checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})"
     return None
 
 
 def newest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The most recently written `*.ckpt` in `ckpt_dir` that loads; a warning names each newer one skipped.
+    """The readable `*.ckpt` in `ckpt_dir` furthest into training: the highest global step read from each file, a tie
+    going to last.ckpt, then to the newer file; a warning names each unreadable one skipped.
 
-    "Most recent" is the modification time, as Lightning's own `ckpt_path="last"` decides.
+    Not the newest by modification time, as Lightning's `ckpt_path="last"`: a copy that does not keep times can make
+    an older step look newest, and a run resumed from it would overwrite last.ckpt with less training. The choice
+    depends only on the files, so every rank that makes it (torchrun, SLURM) makes the same one.
     """
-    files = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for path in files:
+    ranked = []
+    for path in sorted(ckpt_dir.glob("*.ckpt")):
         problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        log.warning(f"skipping unreadable checkpoint {path} ({problem}); trying the previous one")
-    return None
+        step = checkpoint_step(path) if problem is None else None
+        if step is None:
+            log.warning(f"skipping unreadable checkpoint {path} ({problem or 'its global_step is not an integer'})")
+            continue
+        ranked.append(((step, path.name == LAST.name, path.stat().st_mtime_ns), path))
+    return max(ranked)[1] if ranked else None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The `global_step` of a checkpoint that `checkpoint_problem` accepts (tensors memory-mapped, not read); None
+    when it is not an integer."""
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def resume_checkpoint(source: str | os.PathLike, key: str, hint: str = "") -> Path:
-    """The checkpoint to continue from: `source` itself when it is a file, else the newest readable one
-    in `<source>/checkpoints/`. ConfigError naming `key` (and adding `hint`) when there is none."""
+    """The checkpoint to continue from: `source` itself when it is a file, else the readable one furthest into
+    training in `<source>/checkpoints/` (newest_valid_checkpoint). ConfigError naming `key` (and adding `hint`) when
+    there is none."""
     source = Path(source)
     if source.is_file():
         problem = checkpoint_problem(source)
@@ -140,7 +169,7 @@ def load_module(path: str | Path, use_ema: bool = True, map_location: str | torc
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # not a torch file, truncated, or pickled objects that weights_only refuses
-        reason = unreadable_checkpoint(path) or f"{type(e).__name__}: {first_line(e)}"
+        reason = unreadable_checkpoint(path) or load_error(e)
         raise ConfigError(f"ckpt={path}: not a readable checkpoint ({reason})") from e
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt={path}: not a DiffusionModule checkpoint (no hyper_parameters/state_dict)")

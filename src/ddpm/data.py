@@ -6,6 +6,7 @@ live in a registry: adding one is a `@register_dataset("name")` builder plus con
 from __future__ import annotations
 
 import pickle
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from ddpm.registry import registrar
 from ddpm.errors import ConfigError
@@ -150,10 +151,41 @@ def _cifar10_dir(root: str | None) -> Path:
     )
 
 
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """The globals a pickled numpy array, dtype or scalar names, under both spellings of numpy's core module (numpy 1
+    writes numpy.core, numpy 2 numpy._core); taken from numpy's own reductions, so no private module is imported."""
+    array = np.zeros(1, np.uint8)
+    rebuilders = (array.__reduce_ex__(2)[0], array.__reduce_ex__(5)[0], np.int64(0).__reduce__()[0])  # protocols <5, 5; scalars
+    found: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for rebuild in rebuilders:
+        submodule = rebuild.__module__.rsplit(".", 1)[-1]  # multiarray, numeric
+        found |= {(f"numpy.{core}.{submodule}", rebuild.__name__): rebuild for core in ("core", "_core")}
+    return found
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10 batches: dicts, lists, bytes, numbers and numpy arrays, nothing else.
+
+    A pickle runs whatever callable its globals name; a dataset handed in is read as data, never executed
+    (docs/reliability.md), so every global but numpy's array rebuilders is refused before it is imported.
+    """
+
+    allowed = _numpy_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"it names the global {module}.{name}; a CIFAR-10 batch holds only numpy arrays, lists and bytes, nothing else is unpickled"
+            )
+        return found
+
+
 def _read_cifar10_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 3, 32, 32) uint8, labels (N,) int64) of one python batch file, read by `_CifarUnpickler`."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
         data, labels = batch[b"data"], batch[b"labels"]
     except Exception as e:  # a truncated download or a wrong file
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-download {CIFAR10_URL}") from e
@@ -298,6 +330,120 @@ def build_folder(spec: DataSpec) -> tuple[Dataset, Dataset, int | None]:
     return subset(train, spec.hflip), subset(val, False), (len(classes) or None)
 
 
+# ---- a training order that a checkpoint can resume ------------------------------------------------
+
+
+class EpochShuffle(Sampler[int]):
+    """Indices 0..n-1 in an order drawn from (seed, epoch) alone, as DistributedSampler's, so a resumed run can redraw
+    the order of the pass it stopped in (ResumableLoader sets the epoch of each pass)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+class SkippingBatchSampler(BatchSampler):
+    """A BatchSampler whose passes leave out their first `skip` batches (indices only: no image is read) and take
+    their order from the sampler when they start, not at their first batch. It keeps BatchSampler's arguments, so
+    Lightning can rebuild it around the DistributedSampler it injects under DDP (each rank skips its own batches)."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        end = len(indices) - len(indices) % self.batch_size if self.drop_last else len(indices)
+        return iter([indices[i : i + self.batch_size] for i in range(self.skip * self.batch_size, end, self.batch_size)])
+
+
+def rng_states() -> dict[str, object]:
+    """The global random states (torch CPU, CUDA where initialised, numpy, python `random`) as tensors, ints and
+    lists, so a checkpoint holding them loads with `torch.load(weights_only=True)`."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next],
+    }
+
+
+def set_rng_states(states: dict[str, object]) -> None:
+    """Restore what `rng_states` returned; the CUDA states only onto as many devices as were saved."""
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss_next))
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that serves one stream of batches, pass after pass over the data, and that Lightning
+    saves in and restores from checkpoints (its stateful-dataloader protocol: `state_dict` / `load_state_dict`), so a
+    run resumed anywhere sees the batches an uninterrupted one would.
+
+    Pass e takes its order from (seed, e) (EpochShuffle; under DDP the DistributedSampler Lightning injects, seeded
+    alike), and the loader, not Lightning's epoch count, numbers the passes: a new iterator continues a pass left
+    unfinished and starts the next one after a finished one. (Lightning resumed from a checkpoint written at an
+    epoch's end runs a one-batch epoch and then counts one epoch too many; by the stream the batches are still the
+    uninterrupted run's. With limit_train_batches < 1 an epoch ends inside a pass, and the next goes on with it.)
+
+    The state is the pass, the batches served of it, and the global random states at the save (rng_states), which
+    the first batch after a resume restores: draws in this process (dropout, flips with num_workers=0) then repeat an
+    uninterrupted run's, as nothing between a save and the next batch draws from those states (validation's loader
+    has its own generator, the sample grids their own seeds). Worker processes take their seeds from `generator`,
+    re-seeded by (seed, pass) when a pass (or its resumed rest) starts, never from the global random state; their own
+    random states are not saved, so flips drawn in workers differ after a resume mid-pass.
+    """
+
+    _epoch = 0  # the pass being served
+    _served = 0  # batches of it handed out (skipped ones included)
+    _rng: dict | None = None  # random states to restore at the next batch (after load_state_dict)
+
+    def __iter__(self):
+        if self._served >= len(self):
+            self._epoch, self._served = self._epoch + 1, 0
+        sampler = self.batch_sampler.sampler
+        sampler.set_epoch(self._epoch)
+        if self.generator is not None:
+            self.generator.manual_seed(sampler.seed + self._epoch)
+        # DataLoader's iterator takes iter(batch_sampler) once or twice as it starts (workers), then never again
+        self.batch_sampler.skip = self._served
+        try:
+            batches = super().__iter__()
+        finally:
+            self.batch_sampler.skip = 0
+        rng, self._rng = self._rng, None
+        return self._counted(batches, rng)
+
+    def _counted(self, batches, rng: dict | None):
+        if rng is not None:  # here, not at load: whatever runs between the load and the first batch draws nothing from it
+            set_rng_states(rng)
+        for batch in batches:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, object]:
+        return {"epoch": self._epoch, "batches": self._served, "rng": rng_states()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self._epoch, self._served, self._rng = int(state["epoch"]), int(state["batches"]), state["rng"]
+
+
 # ---- the LightningDataModule ----------------------------------------------------------------------
 
 
@@ -350,15 +496,13 @@ class ImageDataModule(LightningDataModule):
         pin = self.pin_memory
         if pin is None:
             pin = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=pin,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = dict(num_workers=self.num_workers, pin_memory=pin, persistent_workers=self.num_workers > 0)
+        if not train:  # its own generator: creating its iterator draws nothing from the global random state
+            return DataLoader(dataset, batch_size=self.batch_size, generator=torch.Generator(), **common)
+        # the order is a function of the run's seed (seed_everything) and the epoch; a checkpoint holds the position
+        order = EpochShuffle(len(dataset), seed=torch.initial_seed())
+        batches = SkippingBatchSampler(order, self.batch_size, drop_last=len(dataset) >= self.batch_size)
+        return ResumableLoader(dataset, batch_sampler=batches, generator=torch.Generator(), **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -6,6 +6,7 @@ Used by sample.py (`metrics=[fid,kid,bpd]`) and by the Evaluation callback durin
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Iterable, get_args
 
@@ -13,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ddpm.data import digits_split
-from ddpm.errors import ConfigError
+from ddpm.data import ImageDataModule, digits_split
+from ddpm.errors import ConfigError, first_line
 from ddpm.metrics import MetricsSetupError, SampleEvaluator, SampleMetric, build_extractor, check_metrics
 
 SAMPLE_METRICS = get_args(SampleMetric)  # what SampleEvaluator computes; "bpd" is separate
@@ -68,22 +69,18 @@ def run_dir_images(ckpt: Path, image_shape: tuple[int, int, int], key: str = "me
     """(val, train, cache name, val labels) of the data a checkpoint was trained on.
 
     From the run's composed config (<run dir>/.hydra/config.yaml, the run dir being the checkpoint's
-    grandparent) when it exists; else, for a 1x8x8 model, the digits split; else a ConfigError.
+    grandparent) when it exists, read as data by `run_dir_datamodule`; else, for a 1x8x8 model, the digits
+    split; else a ConfigError.
     """
-    import hydra
-    from omegaconf import OmegaConf
-
     config = Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
-    if config.is_file():
-        cfg = OmegaConf.load(config)
-        if "data" in cfg and cfg.data is not None and "_target_" in cfg.data:
-            datamodule = hydra.utils.instantiate(cfg.data)
-            val, train, name = datamodule_images(datamodule)
-            if tuple(val.shape[1:]) != tuple(image_shape):
-                raise ConfigError(
-                    f"{key}: the data in {config} serves {tuple(val.shape[1:])} images but the model makes {tuple(image_shape)}"
-                )
-            return val, train, name, dataset_labels(datamodule.val_set)
+    datamodule = run_dir_datamodule(config) if config.is_file() else None
+    if datamodule is not None:
+        val, train, name = datamodule_images(datamodule)
+        if tuple(val.shape[1:]) != tuple(image_shape):
+            raise ConfigError(
+                f"{key}: the data in {config} serves {tuple(val.shape[1:])} images but the model makes {tuple(image_shape)}"
+            )
+        return val, train, name, dataset_labels(datamodule.val_set)
     if tuple(image_shape) == (1, 8, 8):
         val, val_labels = digits_split("val")
         return val, digits_split("train")[0], "digits-8px-1ch", val_labels.long()
@@ -91,6 +88,59 @@ def run_dir_images(ckpt: Path, image_shape: tuple[int, int, int], key: str = "me
         f"{key}: no {config} to tell which data {ckpt} was trained on (the FID reference); "
         "pass a checkpoint inside its run dir (<run dir>/checkpoints/*.ckpt)"
     )
+
+
+DATAMODULE_TARGET = f"{ImageDataModule.__module__}.{ImageDataModule.__qualname__}"
+PLAIN = (str, int, float, bool, type(None))  # the values a datamodule parameter takes; no nested nodes
+
+
+def run_dir_datamodule(config: Path) -> ImageDataModule | None:
+    """The ImageDataModule that a run's composed config (`config`, a <run dir>/.hydra/config.yaml) describes under
+    `data`, or None when it has no `data` node.
+
+    A file handed in is read as data, never executed (docs/reliability.md): nothing is instantiated from it. Its
+    `data._target_` must name ImageDataModule, its other keys must be that class's parameters with plain values
+    (interpolations resolved), and the class is called with them. Anything else is a ConfigError naming the file
+    and the key.
+    """
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    never = "a run dir's config is read as data, never executed"
+    try:
+        cfg = OmegaConf.load(config)
+    except Exception as e:  # yaml's ScannerError/ParserError, OmegaConf's own errors, a file that is not UTF-8
+        raise ConfigError(f"{config}: not a readable YAML config ({type(e).__name__}: {first_line(e)})") from e
+    try:
+        data = cfg.get("data") if isinstance(cfg, DictConfig) else None
+    except OmegaConfBaseException as e:  # `data: ${...}` that does not resolve
+        raise ConfigError(f"{config}: data does not resolve ({first_line(e)}); {never}") from e
+    if data is None:
+        return None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{config}: data={data!r} is not a mapping of {DATAMODULE_TARGET} parameters; {never}")
+
+    def value(name: str) -> Any:  # resolved, and plain
+        try:
+            found = data[name]
+        except OmegaConfBaseException as e:  # an interpolation that names a missing key or an unknown resolver
+            raw = OmegaConf.to_container(data, resolve=False)[name]
+            raise ConfigError(f"{config}: data.{name}={raw} does not resolve ({first_line(e)}); {never}") from e
+        if not isinstance(found, PLAIN):
+            shown = OmegaConf.to_container(found, resolve=False) if OmegaConf.is_config(found) else found
+            raise ConfigError(f"{config}: data.{name}={shown!r} is not a plain value (a string, number, boolean or null); {never}")
+        return found
+
+    target = value("_target_") if "_target_" in data else None
+    if target != DATAMODULE_TARGET:
+        raise ConfigError(f"{config}: data._target_={target!r} is not {DATAMODULE_TARGET}; {never}")
+    parameters = list(inspect.signature(ImageDataModule).parameters)
+    unknown = [name for name in data if name != "_target_" and name not in parameters]
+    if unknown:
+        raise ConfigError(f"{config}: data.{unknown[0]} is not a parameter of {DATAMODULE_TARGET} "
+                          f"(accepted: {', '.join(parameters)}); {never}")  # fmt: skip
+    values = {name: value(name) for name in data if name != "_target_"}
+    return ImageDataModule(**values)
 
 
 def _extractor_options(extractor: str, inception_weights: str | None, key_prefix: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from functools import partial
+import sys
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,12 @@ from ddpm.schema import LrDecay, Optimizer, check_lr_decay, check_module
 from ddpm.unet import UNet, is_channels_last
 
 QUARTILES = 4
+# The checkpoint key of the step where lr_decay ends, fixed by the run's first trainer.max_steps. A resume keeps it
+# whatever max_steps it is given (noting a different one in one line) rather than refusing: the curve is the run's
+# state, as the optimizer's moments are, and max_steps only says where a leg stops; a refusal would also forbid
+# continuing a finished run with lr_decay=none, whose curve does not depend on max_steps. A new curve is a new run
+# from the weights (init_weights=<run dir>).
+LR_HORIZON = "lr_decay_steps"
 
 
 def _seed_of(*entropy: int) -> int:
@@ -75,7 +81,8 @@ class DiffusionModule(LightningModule):
         betas: Adam's (beta1, beta2).
         weight_decay: decoupled for AdamW, L2 for Adam.
         warmup_steps: linear learning-rate warm-up length in optimizer steps (0: none).
-        lr_decay: "none", "cosine" or "linear" decay after the warm-up, to 0 at trainer.max_steps (which must be set).
+        lr_decay: "none", "cosine" or "linear" decay after the warm-up, to 0 at trainer.max_steps (which must be set)
+            of the run's first start; a resumed run keeps that curve (LR_HORIZON).
         sample_every_n_steps: draw a grid every this many optimizer steps and at the end (0: never); done by
             ddpm.sample_callbacks.SampleGrid, as are the other sample_* settings.
         sample_n: images in the grid.
@@ -159,6 +166,7 @@ class DiffusionModule(LightningModule):
         self._q_sum = torch.zeros(QUARTILES)
         self._q_count = torch.zeros(QUARTILES)
         self._draw_generator: torch.Generator | None = None  # training_draws(), re-seeded every step
+        self._lr_horizon: int | None = None  # where lr_decay ends: the run's first trainer.max_steps (LR_HORIZON)
 
     @property
     def conditional(self) -> bool:
@@ -291,14 +299,38 @@ class DiffusionModule(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         opt = self._make_optimizer()
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=hp.warmup_steps, decay=hp.lr_decay, total=self._decay_steps()))
+        max_steps = self._decay_steps()
+        if self._lr_horizon is None:  # a fresh run; a resumed one has its first run's from the checkpoint
+            self._lr_horizon = max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
 
+    def _lr_factor(self, step: int) -> float:
+        """lr_factor with this run's horizon, read at each step: a checkpoint restored after configure_optimizers
+        (as FSDP's) still sets it."""
+        hp = self.hparams
+        return lr_factor(step, warmup=hp.warmup_steps, decay=hp.lr_decay, total=self._lr_horizon)
+
     def _decay_steps(self) -> int:
-        """The optimizer step at which `lr_decay` reaches 0: the trainer's max_steps."""
+        """The trainer's max_steps, checked to be set when `lr_decay` needs an end."""
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
         check_lr_decay(self.hparams.lr_decay, max_steps)
         return max_steps
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[LR_HORIZON] = self._lr_horizon
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run keeps the learning-rate curve of its first start (the rule: LR_HORIZON)."""
+        horizon = checkpoint.get(LR_HORIZON)
+        if horizon is None:  # written before checkpoints held it: the trainer's max_steps, as then
+            return
+        self._lr_horizon = int(horizon)
+        trainer = self._trainer
+        if trainer is not None and self.hparams.lr_decay != "none" and trainer.max_steps != horizon and trainer.is_global_zero:
+            after = f"; its steps after {horizon} train at lr 0" if trainer.max_steps == -1 or trainer.max_steps > horizon else ""
+            print(f"note: trainer.max_steps={trainer.max_steps} differs from the {horizon} this run started with; "
+                  f"lr_decay={self.hparams.lr_decay} keeps its curve, which ends at step {horizon}{after}", file=sys.stderr)  # fmt: skip
 
     # ---- sampling and likelihood ---------------------------------------------------------------------
 

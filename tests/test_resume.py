@@ -1,0 +1,212 @@
+"""Exact resume: a run stopped anywhere and resumed ends where an uninterrupted run of the same steps ends.
+
+The end-to-end test runs train.py (debug=fast: digits, batch 128 of 1437 images, so 11 batches an epoch, checkpoints
+every 4 steps); the rest are in-process: the data order and its position (ddpm.data.ResumableLoader), the random
+states, the checkpoint a resume chooses, and the learning-rate curve a resume keeps.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from lightning.fabric.utilities.data import _replace_dunder_methods
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+from conftest import train
+from ddpm.checkpoints import newest_valid_checkpoint
+from ddpm.data import ImageDataModule, ResumableLoader
+from ddpm.module import LR_HORIZON, DiffusionModule
+
+TINY_UNET = dict(image_size=8, in_channels=1, base_channels=8, channel_mult=[1], num_res_blocks=1, attention_resolutions=[], norm_groups=4)
+
+
+def training_state(path: Path) -> dict[str, Any]:
+    """What a checkpoint holds of the training itself: EMA and live weights, optimizer and scheduler states, the step."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    keys = ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers", "global_step")
+    return {key: ckpt[key] for key in keys}
+
+
+def assert_equal(a: Any, b: Any, where: str = "") -> None:
+    """Nested dicts/lists of tensors and plain values, every tensor bitwise equal."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs (max |diff| {(a.double() - b.double()).abs().max().item():.3g})"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_resumed_legs_equal_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Stopped at step 4 (mid-epoch), resumed to 11 (the epoch's last batch), then copied without timestamps, the oldest
+    step_000004.ckpt made the newest file, and resumed from the copy to 15 (mid second epoch), with random flips: the
+    weights, the EMA, the optimizer and the scheduler equal those of one 15-step run bitwise; no leg warns that the
+    dataloader is not resumable; the copy's last.ckpt holds the end (no last-v1.ckpt beside it)."""
+    reference, run, copy = tmp_path / "reference", tmp_path / "run", tmp_path / "copy"
+    flips = "data.hflip=true"  # drawn from the global torch RNG as batches are read: exact only with its state restored
+    train(reference, "trainer.max_steps=15", flips)
+    keep = "callbacks.checkpoint.save_top_k=-1"  # step_000004, step_000008, step_000011 and last (11)
+    legs = [train(run, "trainer.max_steps=4", flips, keep), train(run, "trainer.max_steps=11", "resume=true", flips, keep)]
+    shutil.copytree(run, copy, copy_function=shutil.copyfile)  # contents only: every file gets the copy's time
+    older = copy / "checkpoints" / "step_000004.ckpt"
+    later = (copy / "checkpoints" / "last.ckpt").stat().st_mtime_ns + 10**9
+    os.utime(older, ns=(later, later))
+    legs.append(train(copy, "trainer.max_steps=15", "resume=true", flips))
+    assert f"Restoring states from the checkpoint path at {copy / 'checkpoints' / 'last.ckpt'}" in legs[-1].stdout + legs[-1].stderr
+    for leg in legs:
+        assert "not resumable" not in leg.stdout + leg.stderr
+    assert not list((copy / "checkpoints").glob("last-v*.ckpt"))  # the copy's last.ckpt was continued, not versioned
+    assert_equal(training_state(reference / "checkpoints" / "last.ckpt"), training_state(copy / "checkpoints" / "last.ckpt"))
+
+
+def test_newest_valid_checkpoint_goes_by_global_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The highest global step wins whatever the modification times (equal, or reversed as after a copy); a tie goes
+    to last.ckpt; each unreadable file is skipped with a warning naming it."""
+    def save(name: str, step: int) -> None:
+        torch.save({"state_dict": {}, "global_step": step, "loops": {}}, tmp_path / name)
+
+    save("step_000004.ckpt", 4)
+    save("step_000008.ckpt", 8)
+    save("last.ckpt", 8)
+    torch.save({"weights": torch.ones(1)}, tmp_path / "not_lightning.ckpt")
+    (tmp_path / "broken.ckpt").write_bytes(b"not a zip file")
+    names = ["last.ckpt", "step_000008.ckpt", "step_000004.ckpt", "broken.ckpt", "not_lightning.ckpt"]
+    for mtimes in ([10**9] * len(names), [(i + 1) * 10**9 for i in range(len(names))]):  # all equal; oldest step newest
+        for name, mtime in zip(names, mtimes):
+            os.utime(tmp_path / name, ns=(mtime, mtime))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ddpm.checkpoints"):
+            assert newest_valid_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+        skipped = sorted(r.getMessage() for r in caplog.records)
+        assert len(skipped) == 2
+        assert f"skipping unreadable checkpoint {tmp_path / 'broken.ckpt'}" in skipped[0]
+        assert f"skipping unreadable checkpoint {tmp_path / 'not_lightning.ckpt'}" in skipped[1]
+        assert "not a training checkpoint" in skipped[1]
+    (tmp_path / "last.ckpt").unlink()
+    assert newest_valid_checkpoint(tmp_path) == tmp_path / "step_000008.ckpt"
+
+
+def train_loader(num_workers: int = 0, seed: int = 0) -> ResumableLoader:
+    """The digits training loader as Lightning gets it (arguments captured, so it can re-create it), seeded by `seed`."""
+    torch.manual_seed(seed)
+    datamodule = ImageDataModule(batch_size=128, num_workers=num_workers)
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        return datamodule.train_dataloader()
+
+
+def labels(batches: Any) -> list[torch.Tensor]:
+    return [y for _, y in batches]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resumes_where_it_stopped(num_workers: int) -> None:
+    """A loader that loads the state of one stopped after 4 batches of its second pass serves that pass's other 7
+    batches, as the uninterrupted one does, then the same third pass; with worker processes too. A new iterator over a
+    pass left unfinished continues it. The state loads with weights_only=True. The order is a function of the seed."""
+    loader = train_loader(num_workers)
+    assert len(loader) == 11
+    passes = [labels(loader) for _ in range(3)]
+    assert not torch.equal(passes[0][0], passes[1][0])
+
+    stopped = train_loader(num_workers)
+    labels(stopped)
+    batches = iter(stopped)
+    first = [next(batches)[1] for _ in range(4)]
+    buffer = io.BytesIO()
+    torch.save(stopped.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert (state["epoch"], state["batches"]) == (1, 4)
+    assert_equal(first + labels(stopped), passes[1])  # a new iterator: the rest of the unfinished pass
+
+    resumed = train_loader(num_workers)
+    resumed.load_state_dict(state)
+    assert_equal(first + labels(resumed), passes[1])
+    assert_equal(labels(resumed), passes[2])
+    assert not torch.equal(labels(train_loader(num_workers, seed=1))[0], passes[0][0])
+
+
+def test_loader_restores_the_random_states_at_the_first_batch() -> None:
+    """The global random states (torch, numpy, python) saved with the position are back when the resumed loader
+    serves its first batch, whatever was drawn between the load and that batch."""
+    stopped = train_loader()
+    batches = iter(stopped)
+    next(batches)
+    state = stopped.state_dict()
+    expected = (torch.rand(3), torch.from_numpy(np.random.rand(3)), [random.random() for _ in range(3)])
+
+    resumed = train_loader()
+    resumed.load_state_dict(state)
+    batches = iter(resumed)
+    torch.rand(5), np.random.rand(5), random.random()  # what runs between the load and the first batch
+    next(batches)
+    assert_equal((torch.rand(3), torch.from_numpy(np.random.rand(3)), [random.random() for _ in range(3)]), expected)
+
+
+def test_loader_under_ddp_gives_each_rank_its_part_and_resumes() -> None:
+    """Re-created by Lightning around the DistributedSampler it injects (2 ranks), the loaders serve disjoint halves
+    of the data, and a rank resumed after 3 batches serves what it would have."""
+    loader = train_loader()
+    n = len(loader.dataset)
+
+    def rank(r: int) -> ResumableLoader:
+        return _update_dataloader(loader, DistributedSampler(loader.dataset, num_replicas=2, rank=r, shuffle=True, seed=0))
+
+    ranks = [rank(0), rank(1)]
+    assert all(type(dl) is ResumableLoader and isinstance(dl.batch_sampler.sampler, DistributedSampler) for dl in ranks)
+    indices = [[i for batch in dl.batch_sampler for i in batch] for dl in ranks]
+    assert not set(indices[0]) & set(indices[1]) and len(indices[0]) == len(indices[1]) == (n // 2) // 128 * 128
+    uninterrupted = labels(ranks[1])
+    stopped = rank(1)
+    batches = iter(stopped)
+    [next(batches) for _ in range(3)]
+    resumed = rank(1)
+    resumed.load_state_dict(stopped.state_dict())
+    assert_equal(labels(resumed), uninterrupted[3:])
+
+
+class FakeTrainer(SimpleNamespace):
+    """What configure_optimizers and on_load_checkpoint read of a Trainer."""
+
+    def __init__(self, max_steps: int) -> None:
+        super().__init__(max_steps=max_steps, is_global_zero=True, precision_plugin=None, gradient_clip_val=None)
+
+
+def lr_factors(module: DiffusionModule, steps: range) -> list[float]:
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    return [scheduler.lr_lambdas[0](step) for step in steps]
+
+
+def test_resume_keeps_the_first_learning_rate_curve(capsys: pytest.CaptureFixture) -> None:
+    """lr_decay ends at the run's first trainer.max_steps, which checkpoints keep; a resume with another max_steps
+    follows the first curve and says so in one line."""
+    first = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=0, lr_decay="linear")
+    first._trainer = FakeTrainer(max_steps=4)
+    assert lr_factors(first, range(5)) == [1.0, 0.75, 0.5, 0.25, 0.0]
+    checkpoint: dict[str, Any] = {}
+    first.on_save_checkpoint(checkpoint)
+    assert checkpoint[LR_HORIZON] == 4
+
+    resumed = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=0, lr_decay="linear")
+    resumed._trainer = FakeTrainer(max_steps=8)
+    resumed.on_load_checkpoint(checkpoint)
+    assert lr_factors(resumed, range(5)) == [1.0, 0.75, 0.5, 0.25, 0.0]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["note: trainer.max_steps=8 differs from the 4 this run started with; lr_decay=linear keeps its curve, "
+                     "which ends at step 4; its steps after 4 train at lr 0"]  # fmt: skip
