@@ -16,7 +16,7 @@
     python sample.py ckpt=outputs/runs/demo interpolate=8 n=4 sampler=ddim  # interpolation
 
 Options: conf/sample.yaml (sampler, steps, spacing, eta, class_label, guidance_scale, n, batch_size, seed, use_ema, device, out_dir,
-metrics, metrics_bpd_timesteps, extractor, inception_weights, samples, init, strength, mask, resample, interpolate, wandb).
+overwrite, metrics, metrics_bpd_timesteps, extractor, inception_weights, samples, init, strength, mask, resample, interpolate, wandb).
 """
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ddpm.config import check_sample_run, clean_errors, job_number, resolve_ckpt, run_cli
-from ddpm.drawing import GRID_MAX, describe, draw, edit_plan, join_ranks, read_samples, write_samples
+from ddpm.atomic import write_text_atomic
+from ddpm.drawing import GRID_FILE, GRID_MAX, METRICS_FILE, describe, draw, edit_plan, join_ranks, on_rank_zero, read_samples, write_samples
 from ddpm.errors import ConfigError
-from ddpm.schema import check, is_int
+from ddpm.schema import check, check_metric_samples, is_int
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -82,14 +83,22 @@ def sample(cfg: DictConfig) -> Path:
         if not metrics:
             raise ConfigError(f"samples={cfg.samples} scores an existing samples file: name the scores, e.g. metrics=[fid,kid,precision,recall]")
         scored = read_samples(cfg.samples, module.image_shape)
+        check_metric_samples(metrics, len(scored), f"samples={cfg.samples}")
     plan = edit_plan(cfg, module, label_cycle, device) if scored is None else None
-    evaluator, val_images, val_labels = None, None, None
-    if metrics and rank == 0:  # the reference data and the extractor, before sampling: a missing weights file fails now
+    if cfg.get("init"):  # n follows the images
+        check_metric_samples(metrics, plan.n, f"init={cfg.init}")
+
+    def reference():  # the reference data and the extractor, before sampling: a missing weights file fails now
         val_images, train_images, dataset, val_labels = run_dir_images(path, module.image_shape, key="metrics")
         evaluator = build_evaluator(
             val_images, train_images, metrics, extractor=extractor, inception_weights=cfg.get("inception_weights"),
             dataset=dataset, device=device, batch_size=cfg.batch_size,
         )  # fmt: skip
+        return evaluator, val_images, val_labels
+
+    evaluator, val_images, val_labels = None, None, None
+    if metrics:  # rank 0 builds them; under torchrun every rank learns at once whether that failed (none draws, then waits)
+        evaluator, val_images, val_labels = on_rank_zero(reference, rank, world) or (None, None, None)
     if cfg.use_ema and not ema and rank == 0:
         print("note: the checkpoint has no EMA weights; sampling the live weights")
     spacing = plan.spacing if plan is not None else cfg.spacing
@@ -103,7 +112,7 @@ def sample(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     if scored is not None:
         x = scored
-        grid = save_grid(x[:GRID_MAX], out_dir / "grid.png")
+        grid = save_grid(x[:GRID_MAX], out_dir / GRID_FILE)
         print(f"checkpoint: {path} (step {step}), for the reference data and bits/dim; samples: {cfg.samples} {tuple(x.shape)}")
     else:
         if rank == 0:
@@ -168,8 +177,7 @@ def write_metrics(cfg, module, ckpt, x, metrics, evaluator, heldout, bpd_t, extr
                        network_evaluations=evaluations, ckpt=str(ckpt))  # fmt: skip
         title = f"{cfg.n} samples, {cfg.sampler} {results['steps']} steps, {evaluations} evaluations"
     results.update(extractor=extractor if evaluator is not None else None, metrics=list(metrics))
-    out = out_dir / "metrics.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_text_atomic(out_dir / METRICS_FILE, json.dumps(results, indent=2) + "\n")
     print_metrics_table(results, title=title)
     print(f"metrics: {out}")
     return results

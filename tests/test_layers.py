@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ddpm"
-PURE = {"schedules", "diffusion", "samplers", "guidance", "unet", "metrics", "digits_classifier", "images", "registry"}
+PURE = {"schedules", "diffusion", "samplers", "guidance", "unet", "metrics", "digits_classifier", "images", "registry", "atomic"}
 FRAMEWORK = {"module", "data", "callbacks", "sample_callbacks", "checkpoints", "evaluation", "schema", "config", "errors",
              "runlock", "hardware", "report", "loggers", "edit_inputs", "diffusers_io", "convert", "drawing"}  # fmt: skip
 PACKAGE = {"__init__"}  # re-exports the public API: GaussianDiffusion, UNet, make_betas

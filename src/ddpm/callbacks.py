@@ -23,6 +23,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,9 +36,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveragi
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from ddpm.checkpoints import checkpoint_problem
+from ddpm.atomic import write_text_atomic
+from ddpm.checkpoints import checkpoint_problem, checkpoint_step
 from ddpm.errors import ConfigError
-from ddpm.report import RECORD, write_json
+from ddpm.report import RECORD
 
 
 class EMA(WeightAveraging):
@@ -148,10 +150,12 @@ class Checkpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
         resumed_from = Path(trainer.ckpt_path).resolve().parent if trainer.ckpt_path is not None else None
         if not self.last_model_path and self.dirpath is not None and resumed_from == Path(self.dirpath).resolve():
-            # resumed from a step_*.ckpt saved before this folder's first last.ckpt: Lightning would write last-v1.ckpt
-            # beside any last.ckpt; replace it instead when it holds nothing readable (missing, truncated)
+            # Lightning restores last_model_path only from a checkpoint written in this very folder after its first
+            # last.ckpt (not from an earlier step_*.ckpt, nor in a copied or moved run dir), and would otherwise write
+            # last-v1.ckpt beside last.ckpt; replace last.ckpt instead when it holds nothing readable (missing,
+            # truncated) or no later step than the resumed state, so no later training is lost
             last = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
-            if checkpoint_problem(last) is not None:
+            if checkpoint_problem(last) is not None or (checkpoint_step(last) or 0) <= trainer.global_step:
                 self.last_model_path = last
         on_sigterm = signal.getsignal(signal.SIGTERM)
         # one handler per run: with several Checkpoints (callbacks=best_fid) the first installs it; a second one
@@ -296,7 +300,9 @@ def _scalar(value: Any) -> float | None:
 class RunRecord(Callback):
     """Keep `<run dir>/run.json` up to date (rank 0): status, step, wall time, last values and history of every
     logged scalar. Listed after the evaluation callback, so an evaluation step's `val/*` metrics are seen in it.
-    Reads the logged values every `trainer.log_every_n_steps` steps (one host sync then), never in between."""
+    Reads the logged values every `trainer.log_every_n_steps` steps (one host sync then), never in between.
+    Written whole or not at all (ddpm.atomic); a write that fails (a full disk) is warned about once and training
+    goes on: the record is a report, and the next write brings it up to date."""
 
     def __init__(self, dirpath: str | os.PathLike) -> None:
         self.path = Path(dirpath) / RECORD
@@ -304,6 +310,7 @@ class RunRecord(Callback):
         self._seen: dict[str, Any] = {}  # metric -> the value object last recorded (held, so a new one is never the same object)
         self._start = 0.0
         self._wall_before = 0.0
+        self._warned = False  # about a failed write: once per run
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -343,8 +350,12 @@ class RunRecord(Callback):
         self.record["step"] = trainer.global_step
         self.record["wall_s"] = round(self._wall_before + time.time() - self._start, 2)
         self.record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.path, self.record)
+        try:
+            write_text_atomic(self.path, json.dumps(self.record, indent=1))
+        except OSError as e:
+            if not self._warned:
+                print(f"warning: cannot write {self.path} ({e.strerror or e}); training goes on, the next write will retry", file=sys.stderr)
+                self._warned = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not trainer.is_global_zero:

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,6 +33,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, Vali
 
 from ddpm import runlock
 from ddpm.errors import ConfigError, first_line
+from ddpm.report import RECORD
 from ddpm.schema import check_sample, check_train
 
 OmegaConf.register_new_resolver("or", lambda a, b: b if a in (None, "") else a, replace=True)
@@ -174,28 +176,54 @@ def _holds_only(folder: Path, names: set[str]) -> bool:
         return False
 
 
+_made: set[str] = set()  # absolute folders this process creates: run dirs, sweep dirs and missing folders above them
+_sweeps: dict[str, set[str]] = {}  # absolute sweep dir -> the subfolders it held before the sweep began
+
+
+def note_new_folders(folder: str | os.PathLike, sweep: bool = False) -> None:
+    """Record which of `folder` and the folders above it do not exist yet, before anything creates them: the only
+    folders remove_if_empty_run may delete (a folder the user made beforehand, even empty, is theirs). `sweep`:
+    `folder` is a sweep dir, and a job dir below it is this process's unless it existed already."""
+    path = Path(os.path.abspath(folder))
+    _made.update(str(p) for p in (path, *path.parents) if not p.exists())
+    if sweep:
+        _sweeps[str(path)] = {str(p) for p in path.iterdir()} if path.is_dir() else set()
+
+
+def made_here(folder: str | os.PathLike) -> bool:
+    """Whether this process created `folder` (note_new_folders recorded it as missing before the run began)."""
+    path = os.path.abspath(folder)
+    parent = os.path.dirname(path)
+    return path in _made or (parent in _sweeps and path not in _sweeps[parent])
+
+
 def remove_if_empty_run(run_dir: Path, sweep_job: bool = False) -> None:
-    """Delete a run dir that holds nothing but what Hydra wrote at start-up (.hydra/, <job>.log) and this process's
-    lock file (ddpm.runlock, held until exit): no half-made runs.
+    """Delete a run dir that this process created (made_here) and that holds nothing but what Hydra wrote at
+    start-up (.hydra/, <job>.log) and this process's lock file (ddpm.runlock, held until exit): no half-made runs.
 
     Then, unless it is a job of a sweep that goes on (`sweep_job`), the sweep dir above it when it holds only
-    Hydra's multirun.yaml (and the sweep's lock file), and the `<date>` folder when it is empty; never a folder
-    of the user's, nor a run dir another live process locks (a run refused because the dir is in use never gets
-    here).
+    Hydra's multirun.yaml (and the sweep's lock file), and the folders above that this process created when they
+    are empty (outputs/runs/<date>); never a folder the user made, even an empty one, nor a run dir another live
+    process locks (a run refused because the dir is in use never gets here).
     """
     job = HydraConfig.get().job.name if HydraConfig.initialized() else None
-    if not run_dir.is_dir() or not _holds_only(run_dir, {".hydra", f"{job}.log", runlock.LOCK_NAME}) or runlock.held_by_another(run_dir):
+    if not made_here(run_dir) or not run_dir.is_dir():
+        return
+    if not _holds_only(run_dir, {".hydra", f"{job}.log", runlock.LOCK_NAME}) or runlock.held_by_another(run_dir):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     if sweep_job:  # the sweep goes on, and its dir keeps the failed job's record
         return
     parent = run_dir.parent
-    if (parent / "multirun.yaml").is_file() and _holds_only(parent, {"multirun.yaml", runlock.LOCK_NAME}):
+    if made_here(parent) and (parent / "multirun.yaml").is_file() and _holds_only(parent, {"multirun.yaml", runlock.LOCK_NAME}):
         shutil.rmtree(parent, ignore_errors=True)
         parent = parent.parent
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", parent.name):  # outputs/runs/<date>, when this was its only run
-        with contextlib.suppress(OSError):
+    while made_here(parent):  # e.g. outputs/runs/<date>, when this was its only run
+        try:
             parent.rmdir()
+        except OSError:  # not empty: another run's
+            break
+        parent = parent.parent
 
 
 def _full_error() -> bool:
@@ -290,11 +318,83 @@ def check_train_run(cfg: DictConfig) -> None:
 
 
 def check_sample_run(cfg: DictConfig) -> None:
-    """check_sample, then whether `ckpt` names a checkpoint file (or a run dir with one) that is not cut short."""
+    """check_sample, then whether `ckpt` names a checkpoint file (or a run dir with one) that is not cut short, and
+    whether out_dir holds an earlier sampling (keep_earlier_samples)."""
     check_sample(cfg)
     reason = unreadable_checkpoint(resolve_ckpt(cfg.ckpt, key="ckpt"))
     if reason:
         raise ConfigError(f"ckpt={cfg.ckpt}: not a readable checkpoint ({reason})")
+    keep_earlier_samples(cfg)
+
+
+def keep_earlier_samples(cfg: DictConfig) -> None:
+    """Never replace an earlier sampling's files unasked: refuse a sample.py run whose out_dir (or Hydra run dir)
+    holds samples.npz, grid.png or metrics.json, unless overwrite=true, which replaces the ones this run writes.
+    Scoring a file (samples=) writes only grid.png and metrics.json and never touches a samples.npz: scoring the
+    samples.npz of out_dir itself is refused only when an earlier grid.png or metrics.json lies beside it."""
+    from ddpm.drawing import GRID_FILE, METRICS_FILE, SAMPLES_FILE
+
+    if cfg.get("overwrite"):
+        return
+    if cfg.get("out_dir"):
+        out_dir, key = cfg.out_dir, "out_dir"
+    elif "hydra" in cfg:  # the Validate callback's config
+        out_dir, key = cfg.hydra.run.dir, "hydra.run.dir"
+    elif HydraConfig.initialized():
+        out_dir, key = HydraConfig.get().runtime.output_dir, "hydra.run.dir"
+    else:
+        return
+    written = (GRID_FILE, METRICS_FILE) if cfg.get("samples") else (SAMPLES_FILE, GRID_FILE, METRICS_FILE)
+    found = [name for name in written if (Path(out_dir) / name).exists()]
+    if found:
+        raise ConfigError(f"{key}={out_dir} holds {', '.join(found)} of an earlier sampling: replace {'them' if len(found) > 1 else 'it'} "
+                          f"with overwrite=true, or choose another out_dir=")  # fmt: skip
+
+
+def run_marks(folder: Path, job: str = "train") -> list[str]:
+    """What in `folder` shows that it holds a run: any of checkpoints/, run.json, .hydra/, logs/, samples/, wandb/ and
+    <job>.log (what train.py, Hydra and the loggers write into a run dir), as `name/` for a folder; [] for a folder
+    that is absent, empty or holds only other files (one the user made for the run, a stale lock file)."""
+    names = ["checkpoints/", RECORD, ".hydra/", "logs/", "samples/", "wandb/", f"{job}.log"]
+    return [name for name in names if (folder / name.rstrip("/")).exists()]
+
+
+def _aside(folder: Path) -> Path:
+    """A free name beside `folder` for the run it holds: <folder>.<YYYYmmdd-HHMMSS>, then -2, -3, ... when taken."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = folder.with_name(f"{folder.name}.{stamp}"), 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.{stamp}-{n}")
+    return aside
+
+
+def keep_earlier_run(folder: str | os.PathLike, *, resume: bool, overwrite: bool, job: str = "train", sweep: bool = False) -> None:
+    """Never train over a run the user keeps: a new run aimed at a dir that holds one (run_marks) is refused with a
+    ConfigError naming the dir and the choices, before anything is written; resume=true continues it; overwrite=true
+    moves the dir aside whole (_aside: renamed, never deleted; the caller has checked that no live process holds it)
+    and prints where it went. For a sweep (`sweep`), `folder` is the sweep dir and it holds runs when one of its job
+    dirs does (an earlier sweep of the same name): the sweep is refused, or moved aside, as a whole, before Hydra
+    writes any job's files."""
+    folder = Path(folder)
+    if sweep:
+        jobs = sorted(p for p in folder.iterdir() if p.is_dir() and run_marks(p, job)) if folder.is_dir() else []
+        marks = [f"{p.name}/" for p in jobs]
+    else:
+        marks = run_marks(folder, job)
+    if not marks or resume or not runlock.is_global_rank_zero():  # a DDP rank's re-launch finds rank 0's run there
+        return
+    what, key = ("the runs of an earlier sweep", "hydra.sweep.dir") if sweep else ("a run", "hydra.run.dir")
+    if not overwrite:
+        shown = ", ".join(marks[:3] + (["..."] if len(marks) > 3 else []))
+        raise ConfigError(f"{folder} holds {what} ({shown}); continue {'them' if sweep else 'it'} with resume=true, start afresh with overwrite=true "
+                          f"(the earlier {'sweep' if sweep else 'run'} is moved to {folder}.<time>, never deleted), or choose another name= or {key}=")  # fmt: skip
+    aside = _aside(folder)
+    try:
+        folder.rename(aside)
+    except OSError as e:
+        raise ConfigError(f"overwrite=true: cannot move {folder} aside to {aside} ({e.strerror}); move it yourself or choose another name=") from e
+    print(f"overwrite=true: the earlier {'sweep' if sweep else 'run'} in {folder} is now in {aside}", file=sys.stderr)
 
 
 class Validate(Callback):
@@ -305,13 +405,15 @@ class Validate(Callback):
     and carries on, so a bad value ends the process here (clean_errors: one line, exit status 2).
     `check`: "train" or "sample".
 
-    For train.py it also locks the run dir (ddpm.runlock) before Hydra writes into it: a second run aimed at a dir
-    in use is refused in one line. A sweep locks its sweep dir at the start and each job its own job dir.
+    It also locks the run dir (ddpm.runlock; sample.py's is its out_dir) before Hydra writes into it: a second run
+    aimed at a dir in use is refused in one line. It records which folders did not exist yet (note_new_folders): a
+    run that fails removes only those. A sweep locks its sweep dir at the start and each job its own job dir. A new run
+    (or sweep) aimed at a dir that holds one is refused, or moved aside with overwrite=true (keep_earlier_run).
     """
 
     def __init__(self, check: str) -> None:
         self.check = {"train": check_train_run, "sample": check_sample_run}[check]
-        self.lock = check == "train"
+        self.lock = check == "train"  # train.py's run dir with its checks, and its sweeps; sample.py locks its out_dir alone
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with clean_errors():
@@ -319,16 +421,24 @@ class Validate(Callback):
             if self.lock:  # a refusal writes nothing and removes nothing: the dir is another run's
                 resume = bool(config.get("resume"))
                 runlock.check_free(config.hydra.run.dir, resume=resume)
+                keep_earlier_run(config.hydra.run.dir, resume=resume, overwrite=bool(config.get("overwrite")), job=config.hydra.job.name)
+                note_new_folders(config.hydra.run.dir)
                 runlock.acquire(config.hydra.run.dir, resume=resume)
+            else:  # sample.py: its out_dir is its run dir, locked the same way (check_sample_run has refused replacing files there)
+                note_new_folders(config.hydra.run.dir)
+                runlock.acquire(config.hydra.run.dir)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.lock:
-            runlock.release(config.hydra.run.dir)
+        runlock.release(config.hydra.run.dir)  # train.py's and sample.py's
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.lock:
             with clean_errors():
                 runlock.check_free(config.hydra.sweep.dir, below=True, sweep=True)
+                # unchecked values here (the jobs check theirs): only a true moves anything
+                keep_earlier_run(config.hydra.sweep.dir, resume=config.get("resume") is True, overwrite=config.get("overwrite") is True,
+                                 job=config.hydra.job.name, sweep=True)  # fmt: skip
+                note_new_folders(config.hydra.sweep.dir, sweep=True)
                 runlock.acquire(config.hydra.sweep.dir, sweep=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

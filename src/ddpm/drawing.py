@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from ddpm.errors import ConfigError, first_line
 from ddpm.schema import check
 
 GRID_MAX = 256  # grid.png shows at most this many samples; samples.npz holds all n
+SAMPLES_FILE, GRID_FILE, METRICS_FILE = "samples.npz", "grid.png", "metrics.json"  # what sample.py writes into out_dir
 SDEDIT_STRENGTH = 0.8  # init= without mask or strength: noise to t = 0.8 T (diffusers' image-to-image default)
 # interpolate= with init=, spacing=null: karras keeps DDIM inversion below sigma 80 (up to about 50 steps), away from
 # the cosine schedule's last timesteps, whose jumps in sigma (640 to 20000 at t = 999) amplify the network's error
@@ -100,6 +101,31 @@ def join_ranks(cfg: DictConfig) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def on_rank_zero(work: Callable[[], Any], rank: int, world: int) -> Any:
+    """`work()` on rank 0 only (None elsewhere), its outcome broadcast to every rank under torchrun: when it fails,
+    every rank raises at once (a configuration error as the same ConfigError line, a bug as a RuntimeError naming it)
+    instead of drawing its share and then waiting for rank 0 in the gather until the process group's timeout (30
+    minutes). Every rank calls this the same number of times (one broadcast each)."""
+    if world == 1:
+        return work()
+    import torch.distributed as dist
+
+    result, error, verdict = None, None, [None]
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as e:
+            error = e
+            verdict = [(True, first_line(e)) if isinstance(e, ConfigError) else (False, f"{type(e).__name__}: {first_line(e)}")]
+    dist.broadcast_object_list(verdict, src=0)
+    if error is not None:
+        raise error
+    if verdict[0] is not None:
+        user_error, line = verdict[0]
+        raise ConfigError(line) if user_error else RuntimeError(f"rank 0 failed: {line}")
+    return result
+
+
 def chunk_seed(seed: int, chunk: int) -> int:
     """The seed of chunk `chunk` (samples chunk * batch_size onwards): from numpy's SeedSequence of (seed, chunk),
     so chunks are independent streams and a chunk draws the same samples whichever process draws it."""
@@ -151,15 +177,16 @@ def draw(cfg: DictConfig, module, plan: EditPlan, device: torch.device, rank: in
 
 def write_samples(x: torch.Tensor, labels: torch.Tensor | None, out_dir: Path, nrow: int | None = None) -> Path:
     """samples.npz (`samples` float32 NCHW in [-1, 1] and `labels`; the same images as guided-diffusion's evaluator
-    reads them, `arr_0` uint8 NHWC and `arr_1` labels) and grid.png of the first GRID_MAX; returns the grid."""
+    reads them, `arr_0` uint8 NHWC and `arr_1` labels) and grid.png of the first GRID_MAX, each whole or not at all
+    (ddpm.atomic.write_atomic: a kill mid-write leaves the previous file or none); returns the grid."""
+    from ddpm.atomic import write_atomic
     from ddpm.images import save_grid, to_uint8
 
     arrays = {"samples": x.numpy().astype(np.float32), "arr_0": to_uint8(x)}
     if labels is not None:
         arrays["labels"] = arrays["arr_1"] = labels.numpy()
-    npz = out_dir / "samples.npz"
-    np.savez(npz, **arrays)
-    grid = save_grid(x[: GRID_MAX - GRID_MAX % nrow] if nrow else x[:GRID_MAX], out_dir / "grid.png", nrow=nrow)
+    npz = write_atomic(out_dir / SAMPLES_FILE, lambda f: np.savez(f, **arrays))
+    grid = save_grid(x[: GRID_MAX - GRID_MAX % nrow] if nrow else x[:GRID_MAX], out_dir / GRID_FILE, nrow=nrow)
     print(f"samples: {npz}  {tuple(x.shape)}")
     print(f"grid: {grid}")
     return grid

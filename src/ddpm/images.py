@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ddpm.atomic import write_atomic
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -36,11 +39,10 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1, m
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write `images` (B, C, H, W) in [-1, 1] as one PNG grid at `path` (parents created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, nrow=nrow).save(path)
-    return path
+    """Write `images` (B, C, H, W) in [-1, 1] as one PNG grid at `path` (parents created), whole or not at all
+    (ddpm.atomic.write_atomic: a kill mid-write leaves the previous grid); returns the path."""
+    grid = make_grid(images, nrow=nrow)
+    return write_atomic(path, lambda f: grid.save(f, format="PNG"))
 
 
 def from_uint8(pixels: np.ndarray) -> torch.Tensor:
@@ -51,21 +53,48 @@ def from_uint8(pixels: np.ndarray) -> torch.Tensor:
 def read_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images (N, C, H, W) float32 in [-1, 1], labels (N,) or None) from a samples file: this project's
     (`samples` float (N, C, H, W) in [-1, 1], `labels`) or guided-diffusion's (`arr_0` uint8 (N, H, W, C),
-    class labels in `arr_1`). Raises ValueError naming what the file holds when it is neither."""
-    with np.load(path, allow_pickle=False) as f:
-        keys = list(f.keys())
-        if "samples" in f:
-            images, labels = f["samples"], f["labels"] if "labels" in f else None
-            if images.ndim != 4 or images.dtype.kind != "f":
-                raise ValueError(f"its `samples` is {images.dtype} {images.shape}; expected float (N, C, H, W) in [-1, 1]")
-            if images.size and (images.min() < -1.001 or images.max() > 1.001):
-                raise ValueError(f"its `samples` lie in [{images.min():.3g}, {images.max():.3g}]; expected [-1, 1]")
-            images = torch.from_numpy(images.astype(np.float32))
-        elif "arr_0" in f:
-            images, labels = f["arr_0"], f["arr_1"] if "arr_1" in f else None
-            if images.ndim != 4 or images.dtype != np.uint8:
-                raise ValueError(f"its `arr_0` is {images.dtype} {images.shape}; expected uint8 (N, H, W, C)")
-            images = from_uint8(images)
-        else:
-            raise ValueError(f"it holds {keys or 'no arrays'}; expected `samples` (float NCHW) or `arr_0` (uint8 NHWC)")
+    class labels in `arr_1`). Every file that is not such a samples file raises ValueError saying what is wrong
+    (unreadable: cut short, damaged or another format; one .npy array; other arrays; another shape or dtype; NaN or
+    inf; values outside [-1, 1]), so that a caller refuses it in one line (docs/reliability.md)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as f:  # the members are read, and their CRCs checked, here
+                keys = list(f.keys())
+                name, labels_name = ("samples", "labels") if "samples" in f else ("arr_0", "arr_1")
+                images = f[name] if name in f else None
+                labels = f[labels_name] if labels_name in f else None
+    except Exception as e:  # whatever the first bad byte trips: zipfile's BadZipFile, zlib.error, EOFError, numpy's header parser
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"not a readable npz: cut short, damaged or another format ({type(e).__name__}: {reason})") from e
+    if isinstance(loaded, np.ndarray):
+        raise ValueError(f"it is one .npy array {loaded.dtype} {loaded.shape}, not an npz of named arrays")
+    if images is None:
+        raise ValueError(f"it holds {keys or 'no arrays'}; expected `samples` (float NCHW) or `arr_0` (uint8 NHWC)")
+    if name == "samples":
+        if images.ndim != 4 or images.dtype.kind != "f":
+            raise ValueError(f"its `samples` is {images.dtype} {images.shape}; expected float (N, C, H, W) in [-1, 1]")
+        finite = np.isfinite(images)
+        if not finite.all():  # checked first: every comparison with NaN is false, so the range check below misses it
+            raise ValueError(f"its `samples` hold {images.size - int(finite.sum())} NaN or infinite value(s); expected finite floats in [-1, 1]")
+        if images.size and (images.min() < -1.001 or images.max() > 1.001):
+            raise ValueError(f"its `samples` lie in [{images.min():.3g}, {images.max():.3g}]; expected [-1, 1]")
+        images = torch.from_numpy(images.astype(np.float32))
+    else:
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(f"its `arr_0` is {images.dtype} {images.shape}; expected uint8 (N, H, W, C)")
+        images = from_uint8(images)
     return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Image.open(path), refused with ValueError when the image has more pixels than Pillow's limit
+    (PIL.Image.MAX_IMAGE_PIXELS), before any pixel is decoded: Pillow itself only warns up to twice the limit, and
+    then decodes the whole image. Use it as a context manager, as Image.open."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ValueError(f"it has more pixels than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS, "
+                             "a guard against decompression bombs): downscale it first") from e

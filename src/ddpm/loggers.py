@@ -1,8 +1,11 @@
 """The run's logger from `cfg.logger`, and for W&B the run's identity: its sweep (or the run itself) as the group,
-and a run id kept in the run dir, so `resume=true` continues the same W&B run instead of starting another; and
-sample.py's W&B run, of job_type sample or eval, in the group of the run that trained its checkpoint."""
+and a run id kept in the run dir, so `resume=true` continues the same W&B run instead of starting another; for CSV,
+a metrics.csv that a resumed run appends to; and sample.py's W&B run, of job_type sample or eval, in the group of
+the run that trained its checkpoint."""
 from __future__ import annotations
 
+import csv
+import io
 import os
 import secrets
 from pathlib import Path
@@ -11,8 +14,12 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig
 
+from ddpm.atomic import write_atomic
 from ddpm.runlock import is_global_rank_zero
 
 WANDB_RUN_ID = Path("wandb") / "run_id"  # in the run dir
@@ -49,14 +56,52 @@ def wandb_identity(run_dir: Path, resume: bool, group: str | None, name: str | N
     return {"id": run_id, "resume": "allow", "group": group}
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that a metrics.csv already in its folder is continued: Lightning's deletes it
+    when the writer is made (with a warning), so `resume=true` kept only the second leg's rows. Its header becomes
+    the known keys; a new key rewrites the file under the wider header, every earlier row kept, whole or not at all
+    (ddpm.atomic), where Lightning rewrites it in place."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])  # sorted, as Lightning writes it and appends in that order
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.metrics_file_path, lambda f: f.write(text.getvalue().encode()))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger whose metrics.csv a resumed run appends to (_AppendingWriter); build_loggers uses it
+    wherever `cfg.logger` names Lightning's. A new run never meets an earlier metrics.csv: train.py refuses a run
+    dir that holds a run (ddpm.config.keep_earlier_run)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def build_loggers(cfg: DictConfig) -> list[Any]:
     """[the logger of `cfg.logger`], or [] for logger=none. Only global rank 0 keeps the W&B run id (Lightning's
-    WandbLogger makes the run there; another rank's id would overwrite the file)."""
+    WandbLogger makes the run there; another rank's id would overwrite the file). Lightning's CSVLogger is built
+    as AppendingCSVLogger, so a resumed run keeps the rows of the earlier ones."""
     if not cfg.get("logger") or not cfg.logger.get("_target_"):
         return []
     extra: dict[str, Any] = {}
     if cfg.logger._target_.endswith("WandbLogger") and is_global_rank_zero():
         extra = wandb_identity(Path(cfg.paths.run_dir), bool(cfg.resume), cfg.logger.get("group"), cfg.get("name"))
+    if hydra.utils.get_class(cfg.logger._target_) is CSVLogger:
+        extra["_target_"] = f"{AppendingCSVLogger.__module__}.{AppendingCSVLogger.__name__}"
     return [hydra.utils.instantiate(cfg.logger, **extra)]
 
 

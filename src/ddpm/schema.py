@@ -106,6 +106,7 @@ class SampleSchema:
     mask: Optional[str] = None
     resample: int = 1
     interpolate: Optional[int] = None
+    overwrite: bool = False
 
 
 _store = ConfigStore.instance()
@@ -313,6 +314,10 @@ def check_train(cfg: DictConfig) -> None:
     _check_required(cfg, {"data.root": "data.root=PATH, the folder of images (or of cifar-10-batches-py)"})
     check("seed", cfg.seed, lambda: is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "an integer in [0, 2**32)")
     check("resume", cfg.resume, isinstance(cfg.resume, bool), "true or false")
+    overwrite = cfg.get("overwrite", False)
+    check("overwrite", overwrite, isinstance(overwrite, bool), "true or false")
+    if overwrite and cfg.resume:
+        raise ConfigError("overwrite=true starts afresh (the earlier run moved aside) and resume=true continues the earlier run: use one or the other")
     threads = cfg.get("threads", "auto")
     check("threads", threads, threads == "auto" or (is_int(threads) and threads >= 1), "auto or an integer >= 1")
     for key in ("name", "ckpt_path", "init_weights"):
@@ -382,6 +387,22 @@ def check_sample(cfg: DictConfig) -> None:
         if isinstance(known[name], (int, float)):
             check(f"sampler_options.{name}", value, _is_number(value), f"a number (default {known[name]})")
     _check_editing(cfg, sorted(SAMPLERS), STOCHASTIC)
+    if not cfg.get("init") and not cfg.get("samples"):  # else n follows the images, counted when they are read
+        K = cfg.get("interpolate")
+        check_metric_samples(cfg.get("metrics") or [], cfg.n * (K or 1), f"n={cfg.n}" + (f" with interpolate={K}" if K else ""))
+
+
+def check_metric_samples(metrics: list[str], n: int, given: str) -> None:
+    """Refuse n samples too few for a chosen metric, before any is drawn (a ConfigError naming what set n, `given`:
+    `n=1`, `init=dir/`): the sample metrics score at least 2 (ddpm.metrics.SampleEvaluator), precision and recall
+    more than the k of their k-NN balls (ddpm.metrics.knn_radii); bpd scores held-out data, not the samples."""
+    from ddpm.metrics import PR_NEIGHBOURS, SampleMetric
+
+    needs = {m: PR_NEIGHBOURS + 1 if m in ("precision", "recall") else 2 for m in metrics if m in get_args(SampleMetric)}
+    if needs and n < max(needs.values()):
+        least = max(needs.values())
+        which = ", ".join(f"{m} {k}" for m, k in needs.items())
+        raise ConfigError(f"{given} makes {n} sample{'s' * (n != 1)}, too few for metrics={list(metrics)}: they need at least {least} ({which}); draw more or drop those metrics")
 
 
 def _check_editing(cfg: DictConfig, samplers: list[str], stochastic: set[str]) -> None:
