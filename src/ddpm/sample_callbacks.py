@@ -20,6 +20,11 @@ How the ranks share the work (`draw_samples`, `Evaluation.heldout_bits_per_dim`)
   forward redirection, as for training_step). Under DDP such a rank goes straight to the gather.
 - bits/dim splits the held-out images (and their labels: a class-conditional model is scored given them) into chunks
   the same way, chunk k with noise seeded `seed + k`; the per-image values are gathered and averaged on rank 0.
+- A failure on one rank stops every rank at once (`_together`): each round's drawing on every rank, and each step only
+  global rank 0 takes (building the evaluator, scoring, writing and logging the grid or the scores), is followed by
+  a verdict shared by all ranks before anyone goes on, and every rank raises the same error. Without it, the other
+  ranks would wait in the next collective (a gather, the scores' broadcast, DDP's gradient all-reduce) until the
+  process group's timeout, 30 minutes by default.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from abc import ABC, abstractmethod
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, get_args
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -36,7 +41,7 @@ from torch import Tensor
 
 from ddpm.callbacks import EMA, ema_module
 from ddpm.diffusion import Spacing
-from ddpm.errors import ConfigError
+from ddpm.errors import ConfigError, first_line
 from ddpm.evaluation import SAMPLE_METRICS, build_evaluator, datamodule_images, dataset_images, dataset_labels, validate_metrics
 from ddpm.images import make_grid, save_grid, to_uint8
 from ddpm.metrics import Metric
@@ -72,6 +77,55 @@ def _call(trainer: pl.Trainer, module: pl.LightningModule, method: str, *args: A
     return getattr(module, method)(*args, **kwargs)
 
 
+class RankFailed(RuntimeError):
+    """An error other than a ConfigError that one rank raised in work all ranks do together (`_together`), raised
+    on every rank with one message: the rank, the original's type and the first line of its message."""
+
+
+class _Failure(NamedTuple):
+    """What one rank tells the others of its error: small and picklable, whatever the error holds."""
+
+    rank: int
+    type_name: str
+    line: str
+    user_error: bool  # a ConfigError (ddpm.data.DataError included): the user's to fix, one `error:` line
+
+    def exception(self) -> Exception:
+        if self.user_error:
+            return ConfigError(self.line)
+        return RankFailed(f"rank {self.rank}: {self.type_name}: {self.line}")
+
+
+T = TypeVar("T")
+
+
+def _together(trainer: pl.Trainer, work: Callable[[], T]) -> T:
+    """`work()` on this rank, then a verdict shared by every rank: its value when no rank raised, else every rank raises
+    the error of the lowest rank that did (`_Failure.exception`; that rank chains its original, with its traceback).
+
+    Every rank must call it, at the same point (module docstring): a flag per rank is gathered (one small collective),
+    and only after a failure does the failing rank broadcast its error. One process re-raises its own error unchanged.
+    """
+    error: Exception | None = None
+    value: Any = None
+    try:
+        value = work()
+    except Exception as e:
+        error = e
+    if trainer.world_size == 1:
+        if error is not None:
+            raise error
+        return value
+    flag = torch.tensor([error is not None], dtype=torch.int32, device=trainer.strategy.root_device)
+    failed = trainer.strategy.all_gather(flag).reshape(-1)  # (world,)
+    if not failed.any():
+        return value
+    source = int(failed.nonzero()[0])
+    mine = None if error is None else _Failure(trainer.global_rank, type(error).__name__, first_line(error), isinstance(error, ConfigError))
+    failure: _Failure = trainer.strategy.broadcast(mine, src=source)
+    raise failure.exception() from error
+
+
 Work = Callable[[int | None, int, int], Tensor]  # (chunk index or None for a throwaway, first row, rows) -> values
 
 
@@ -89,12 +143,16 @@ def _gather_rounds(trainer: pl.Trainer, count: int, chunk_size: int, work: Work,
     for r in range(math.ceil(chunks / world)):
         k = r * world + rank
         buffer = torch.zeros(chunk_size, *shape, device=device)
-        if k < chunks:
-            start = k * chunk_size
-            size = min(chunk_size, count - start)
-            buffer[:size] = work(k, start, size).to(device, torch.float32)
-        elif fsdp:
-            work(None, 0, 1)
+
+        def fill() -> None:
+            if k < chunks:
+                start = k * chunk_size
+                size = min(chunk_size, count - start)
+                buffer[:size] = work(k, start, size).to(device, torch.float32)
+            elif fsdp:
+                work(None, 0, 1)
+
+        _together(trainer, fill)  # a rank that failed to draw stops every rank here, not in the gather
         gathered = trainer.strategy.all_gather(buffer)  # (world, chunk_size, *shape); one rank: (chunk_size, *shape)
         if rank == 0:
             kept.append(gathered.reshape(-1, *shape).cpu())
@@ -211,15 +269,21 @@ class SampleGrid(_EveryNSteps):
         step = self._last_step = trainer.global_step
         module = ema_module(trainer, pl_module)
         images = draw_samples(trainer, module, self.n, self.sampler, self.steps, self.seed, self.chunk_size, self.spacing)
-        if images is None:
-            return None
-        path = save_grid(images, Path(trainer.default_root_dir) / "samples" / f"step_{step:06d}.png")
-        self.last_path = path
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # WandbLogger
-                logger.log_image(key="samples", images=[make_grid(images)], step=step, caption=[f"step {step}"])
-            if hasattr(logger, "log_table"):  # WandbLogger: one row per image, to filter and compare across steps
-                logger.log_table(key="sample_table", columns=list(TABLE_COLUMNS), data=self.table_rows(module, images, step), step=step)
+
+        def write() -> Path | None:
+            if images is None:
+                return None
+            path = save_grid(images, Path(trainer.default_root_dir) / "samples" / f"step_{step:06d}.png")
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image"):  # WandbLogger
+                    logger.log_image(key="samples", images=[make_grid(images)], step=step, caption=[f"step {step}"])
+                if hasattr(logger, "log_table"):  # WandbLogger: one row per image, to filter and compare across steps
+                    logger.log_table(key="sample_table", columns=list(TABLE_COLUMNS), data=self.table_rows(module, images, step), step=step)
+            return path
+
+        path = _together(trainer, write)  # rank 0 writes; a full disk there stops every rank
+        if path is not None:
+            self.last_path = path
         return path
 
     def table_rows(self, module: pl.LightningModule, images: Tensor, step: int) -> list[list[Any]]:
@@ -357,8 +421,10 @@ class Evaluation(_EveryNSteps):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The held-out data (every rank, for bpd) and the evaluator (global rank 0) from the datamodule's val
         (reference) and train (floor) splits: a missing extractor or weights file fails here, not at the first evaluation."""
-        if not self.every_n_steps:
-            return
+        if self.every_n_steps:
+            _together(trainer, lambda: self._prepare(trainer, pl_module))  # an evaluator that fails on rank 0 stops every rank
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "val_set"):
             raise ConfigError("module.eval_every_n_steps needs an ImageDataModule (its val split is the reference)")
@@ -410,26 +476,39 @@ class Evaluation(_EveryNSteps):
         """
         self._last_step = trainer.global_step
         module = ema_module(trainer, pl_module)
-        results: dict[str, float] = {}
+        images = bpd = None
         if self.sample_metrics:
             images = draw_samples(trainer, module, self.n, self.sampler, self.steps, self.seed + 1, self.chunk_size, self.spacing)
-            if images is not None:
-                results.update(self._evaluator(images))
         if "bpd" in self.metrics:
             bpd = self.heldout_bits_per_dim(trainer, module)
+
+        def score() -> dict[str, float]:
+            """The results on global rank 0, sent to the loggers there; {} on the others."""
+            results: dict[str, float] = {}
+            if images is not None:
+                results.update(self._evaluator(images))
             if bpd is not None:
                 results["bpd"] = bpd
-        results = trainer.strategy.broadcast(results, src=0)
-        logged = {
-            f"val/{k}": float(v) for k, v in results.items()
-            if not k.startswith("n_") and k != "kid_std" and not k.endswith("_floor_std")
-        }  # fmt: skip
-        # Straight to the loggers, once per evaluation (as LearningRateMonitor does): pl_module.log() from this hook
-        # would be re-emitted at every logging step until the epoch ends. callback_metrics lets ModelCheckpoint monitor them.
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
-        if trainer.is_global_zero:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped - (1 if at_end else 0)
-            for logger in trainer.loggers:
-                logger.log_metrics(logged, step=step)
+            if trainer.is_global_zero:
+                # Straight to the loggers, once per evaluation (as LearningRateMonitor does): pl_module.log() from this
+                # hook would be re-emitted at every logging step until the epoch ends.
+                step = trainer.fit_loop.epoch_loop._batches_that_stepped - (1 if at_end else 0)
+                for logger in trainer.loggers:
+                    logger.log_metrics(_logged(results), step=step)
+            return results
+
+        # a scoring or logging error on rank 0 stops every rank here, instead of leaving them in the broadcast
+        results = trainer.strategy.broadcast(_together(trainer, score), src=0)
+        # callback_metrics, on every rank, lets ModelCheckpoint monitor them
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in _logged(results).items()})
         self.last_results = results
         return results
+
+
+def _logged(results: Mapping[str, float]) -> dict[str, float]:
+    """The evaluation results sent to the loggers and callback_metrics, as `val/<name>`: not the counts (`n_*`) nor
+    the standard deviations of KID and of the floors."""
+    return {
+        f"val/{k}": float(v) for k, v in results.items()
+        if not k.startswith("n_") and k != "kid_std" and not k.endswith("_floor_std")
+    }  # fmt: skip
