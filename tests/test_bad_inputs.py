@@ -1,16 +1,20 @@
 """Bad configs, data and checkpoints end in one clear line: exit status 2, the key or file named, no traceback,
 no run dir left behind (docs/reliability.md).
 
-The table runs every case as a subprocess of train.py or sample.py, several at a time (one fixture starts them
-all), and each parametrized test reads its own result. Most cases stop while Hydra composes or in the Validate
-callback, before Lightning is imported: a second or two each.
+The table runs every case as a subprocess of train.py, sample.py or `python -m ddpm.report`, several at a time
+(one fixture starts them all), and each parametrized test reads its own result. Most cases stop while Hydra
+composes or in the Validate callback, before Lightning is imported: a second or two each. The readers behind the
+cases are tested in process, case by case, in tests/test_bad_input_units.py.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, ROOT, run_script
+from conftest import FAST, ROOT, _env, run_script
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,13 @@ def train(id: str, *args: str, named: tuple[str, ...]) -> Case:
 
 def sample(id: str, *args: str, named: tuple[str, ...]) -> Case:
     return Case(id, "sample.py", ("steps=5", *args), named)
+
+
+def report(id: str, *args: str, named: tuple[str, ...]) -> Case:
+    return Case(id, "ddpm.report", args, named)
+
+
+PIXEL_LIMIT = f"Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}"
 
 
 CASES = [
@@ -74,6 +85,9 @@ CASES = [
     sample("ckpt_newer", "ckpt={tmp}/newer.ckpt", named=("ckpt={tmp}/newer.ckpt", "incompatible version", "unknown hyperparameter(s) attention_type")),
     sample("ckpt_older", "ckpt={tmp}/older.ckpt", named=("ckpt={tmp}/older.ckpt", "incompatible version", "missing unet")),
     sample("ckpt_weights", "ckpt={tmp}/weights.ckpt", named=("ckpt={tmp}/weights.ckpt", "weights do not match")),
+    # diffusers model folders whose config.json cannot be a UNet: the file and the key named
+    sample("diffusers_config", "ckpt={tmp}/diffusers_layers", named=("{tmp}/diffusers_layers/config.json", "layers_per_block=-1", "an integer >= 1")),
+    train("diffusers_init_weights", "init_weights={tmp}/diffusers_list", named=("{tmp}/diffusers_list/config.json", "holds a JSON list", "object")),
     # sampling options
     sample("n", "ckpt={ckpt}", "n=0", named=("n=0", "expected an integer >= 1")),
     sample("steps_zero", "ckpt={ckpt}", "steps=0", named=("steps=0",)),
@@ -87,6 +101,8 @@ CASES = [
     sample("samples_not_npz", "ckpt={ckpt}", "samples={tmp}/notes.ckpt", "metrics=[fid]", named=("samples={tmp}/notes.ckpt", "cannot be scored")),
     sample("samples_keys", "ckpt={ckpt}", "samples={tmp}/keys.npz", "metrics=[fid]", named=("holds ['images']", "`arr_0` (uint8 NHWC)")),
     sample("samples_shape", "ckpt={ckpt}", "samples={tmp}/rgb.npz", "metrics=[fid]", named=("(3, 32, 32) images", "makes (1, 8, 8)")),
+    sample("samples_truncated", "ckpt={ckpt}", "samples={tmp}/cut.npz", "metrics=[fid]", named=("samples={tmp}/cut.npz", "not a readable npz", "cut short")),
+    sample("samples_nan", "ckpt={ckpt}", "samples={tmp}/nan.npz", "metrics=[fid]", named=("samples={tmp}/nan.npz", "2 NaN or infinite value(s)", "finite")),
     # editing images
     sample("mask_without_init", "ckpt={ckpt}", "mask=right", named=("mask=right", "init=PATH")),
     sample("strength_range", "ckpt={ckpt}", "init={tmp}/rgb.npz", "strength=1.5", named=("strength=1.5", "[0, 1]")),
@@ -96,13 +112,30 @@ CASES = [
     sample("init_missing", "ckpt={ckpt}", "init={tmp}/none.png", named=("init={tmp}/none.png", "no such file or folder")),
     sample("init_shape", "ckpt={ckpt}", "init={tmp}/rgb.npz", named=("init={tmp}/rgb.npz", "(3, 32, 32) images")),
     sample("init_empty_folder", "ckpt={ckpt}", "init={tmp}/empty", named=("init={tmp}/empty", "no readable image")),
+    sample("init_pixel_limit", "ckpt={ckpt}", "init={tmp}/huge.png", named=("init={tmp}/huge.png", PIXEL_LIMIT)),
     sample("mask_unknown", "ckpt={ckpt}", "init={tmp}/digits.npz", "mask=middle", named=("mask=middle", "left | right | top | bottom | center")),
     sample("interpolate_odd", "ckpt={ckpt}", "init={tmp}/digits.npz", "sampler=ddim", "interpolate=3", named=("init=", "even number", "holds 3")),
+    # a run's record read by the report (a folder that is one run; in a sweep the row says so instead)
+    report("report_run_json", "{tmp}/bad_record", named=("{tmp}/bad_record/run.json", "step=-3", "an integer >= 0")),
 ]
 
 
+def huge_png(path: Path, side: int) -> Path:
+    """A 1 x 1 PNG whose header claims side x side pixels (its CRC fixed): Pillow reads the size, never the pixels."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", side, side)  # IHDR's width and height, after the signature, length and type
+    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))
+    path.write_bytes(bytes(data))
+    return path
+
+
 def make_inputs(tmp: Path, ckpt: Path) -> None:
-    """The broken files the cases name: folders of no usable images, and checkpoints cut, foreign or from other versions."""
+    """The broken files the cases name: folders of no usable images, checkpoints cut, foreign or from other versions,
+    npz files cut or holding NaN, images over Pillow's pixel limit, diffusers folders and a run record that cannot be read."""
+    from ddpm.checkpoints import load_module
+    from ddpm.diffusers_io import write_folder
+
     (tmp / "empty").mkdir()
     junk = tmp / "junk"
     junk.mkdir()
@@ -114,6 +147,17 @@ def make_inputs(tmp: Path, ckpt: Path) -> None:
     np.savez(tmp / "keys.npz", images=np.zeros((4, 1, 8, 8), np.float32))
     np.savez(tmp / "digits.npz", arr_0=np.zeros((3, 8, 8, 1), np.uint8))
     (tmp / "cut.ckpt").write_bytes(ckpt.read_bytes()[:4096])
+    np.savez(tmp / "whole.npz", samples=np.zeros((4, 1, 8, 8), np.float32))
+    (tmp / "cut.npz").write_bytes((tmp / "whole.npz").read_bytes()[:-30])  # a copy cut short: its zip directory lost
+    nan = np.zeros((4, 1, 8, 8), np.float32)
+    nan[0, 0, 0, 0], nan[1, 0, 0, 0] = np.nan, np.inf
+    np.savez(tmp / "nan.npz", samples=nan)
+    huge_png(tmp / "huge.png", 12000)  # over MAX_IMAGE_PIXELS, under twice it: Pillow itself only warns, then decodes
+    for name, edit in {"layers": lambda c: c | {"layers_per_block": -1}, "list": lambda c: [c]}.items():
+        folder = write_folder(load_module(ckpt).module, tmp / f"diffusers_{name}")
+        (folder / "config.json").write_text(json.dumps(edit(json.loads((folder / "config.json").read_text()))))
+    (tmp / "bad_record").mkdir()
+    (tmp / "bad_record" / "run.json").write_text(json.dumps({"status": "finished", "step": -3}))
     edits = {
         "newer": lambda c: c["hyper_parameters"].update(attention_type="flash"),
         "older": lambda c: c["hyper_parameters"].pop("unet"),
@@ -137,6 +181,9 @@ def results(tmp_path_factory: pytest.TempPathFactory, ckpt: Path) -> dict[str, t
         args = [a.format(tmp=tmp, ckpt=ckpt) for a in case.args]
         if case.script == "sample.py":
             args.append(f"out_dir={cwd / 'out'}")
+        if case.script.startswith("ddpm."):  # a module's command line
+            command = [sys.executable, "-m", case.script, *args]
+            return subprocess.run(command, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=120), cwd
         return run_script(case.script, *args, cwd=cwd, check=False, timeout=120), cwd
 
     with ThreadPoolExecutor(max_workers=3) as pool:

@@ -14,13 +14,14 @@ AttnUpBlock2D, UNetMidBlock2D) with diffusers' time-embedding, GroupNorm-epsilon
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ddpm.errors import ConfigError, first_line
-from ddpm.unet import unet_arguments
+from ddpm.unet import GeometryError, check_geometry, unet_arguments
 
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 CONFIG, SCHEDULER = "config.json", "scheduler_config.json"
@@ -32,6 +33,10 @@ SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
 FIXED = {"act_fn": "silu", "time_embedding_type": "positional", "center_input_sample": False, "mid_block_scale_factor": 1,
          "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None, "time_embedding_dim": None,
          "mid_block_type": "UNetMidBlock2D", "attn_norm_num_groups": None, "num_train_timesteps": None}  # fmt: skip
+# ddpm.UNet's arguments as check_geometry's messages show them: by the config.json keys they come from
+AS_DIFFUSERS = {"image_size": "sample_size", "base_channels": "block_out_channels[0]", "channel_mult": "block_out_channels / block_out_channels[0]",
+                "num_res_blocks": "layers_per_block", "attention_resolutions": "down_block_types", "norm_groups": "norm_num_groups",
+                "num_classes": "num_class_embeds", "num_heads": "attention_head_dim", "embed_freq_shift": "freq_shift"}  # fmt: skip
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -42,29 +47,48 @@ def is_diffusers_folder(path: str | Path) -> bool:
 # ---- configs ------------------------------------------------------------------------------------
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _typed(config: dict[str, Any], key: str, default: Any, where: str, ok: Callable[[Any], bool], accepted: str) -> Any:
+    """config[key] (or `default`), refused in one line naming the file and the key unless ok(value)."""
+    value = config.get(key, default)
+    if not ok(value):
+        raise ConfigError(f"{where}: {key}={json.dumps(value)} is invalid; expected {accepted}")
+    return value
+
+
 def unet_kwargs(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """ddpm.UNet's arguments for a diffusers UNet2DModel config; ConfigError naming the first key it cannot express."""
+    """ddpm.UNet's arguments for a diffusers UNet2DModel config; ConfigError naming the first key it cannot express:
+    a value of the wrong type or out of range (a width, size or count that is not an integer >= 1, say), a layout
+    this UNet does not have, or arguments the UNet cannot build (its own rule, ddpm.unet.check_geometry)."""
 
     def refuse(key: str, accepted: str) -> ConfigError:
         return ConfigError(f"{where}: {key}={json.dumps(config.get(key))} cannot be expressed by this UNet; expected {accepted}")
 
+    def count(key: str, default: int, accepted: str = "an integer >= 1") -> int:
+        return _typed(config, key, default, where, _is_count, accepted)
+
     for key, value in FIXED.items():
         if config.get(key, value) != value:
             raise refuse(key, json.dumps(value))
-    channels = [int(c) for c in config.get("block_out_channels", ())]
-    base = channels[0] if channels else 0
-    if not channels or any(c % base for c in channels):
-        raise refuse("block_out_channels", "widths that are multiples of the first")
-    down, up = list(config.get("down_block_types", ())), list(config.get("up_block_types", ()))
-    if len(down) != len(channels) or any(b not in (DOWN, ATTN_DOWN) for b in down):
+    channels = config.get("block_out_channels")
+    if not (isinstance(channels, list) and channels and all(_is_count(c) for c in channels)) or any(c % channels[0] for c in channels):
+        raise refuse("block_out_channels", "a non-empty list of integers >= 1, each a multiple of the first")
+    base = channels[0]
+    down, up = config.get("down_block_types"), config.get("up_block_types")
+    if not isinstance(down, list) or len(down) != len(channels) or any(b not in (DOWN, ATTN_DOWN) for b in down):
         raise refuse("down_block_types", f"one {DOWN} or {ATTN_DOWN} per width")
     mirror = [ATTN_UP if b == ATTN_DOWN else UP for b in reversed(down)]
     if up != mirror:
         raise refuse("up_block_types", f"the mirror of down_block_types: {json.dumps(mirror)}")
-    size = config.get("sample_size", 32)
-    if not isinstance(size, int):
-        raise refuse("sample_size", "one integer (square images)")
-    head_dim = config.get("attention_head_dim")
+    size = count("sample_size", 32, "an integer >= 1 (square images)")
+    head_dim = _typed(config, "attention_head_dim", None, where, lambda v: v is None or _is_count(v), "null or an integer >= 1")
     attended = [c for c, b in zip(channels, down) if b == ATTN_DOWN] + [channels[-1]]
     heads = 1 if head_dim is None else attended[0] // head_dim
     if head_dim is not None and any(c != heads * head_dim for c in attended):
@@ -75,16 +99,23 @@ def unet_kwargs(config: dict[str, Any], where: str) -> dict[str, Any]:
         raise refuse("downsample_padding", "0 or 1")
     if config.get("downsample_type", "conv") != "conv" or config.get("upsample_type", "conv") != "conv":
         raise refuse("downsample_type" if config.get("downsample_type", "conv") != "conv" else "upsample_type", '"conv"')
-    classes = config.get("num_class_embeds")
-    return {
-        "image_size": size, "in_channels": int(config.get("in_channels", 3)), "out_channels": int(config.get("out_channels", 3)),
-        "base_channels": base, "channel_mult": [c // base for c in channels], "num_res_blocks": int(config.get("layers_per_block", 2)),
+    # diffusers counts the unconditional class among its embeddings: this UNet's num_classes is one less
+    classes = _typed(config, "num_class_embeds", None, where, lambda v: v is None or (_is_count(v) and v >= 2), "null or an integer >= 2")
+    flip = _typed(config, "flip_sin_to_cos", True, where, lambda v: isinstance(v, bool), "true or false")
+    kwargs = {
+        "image_size": size, "in_channels": count("in_channels", 3), "out_channels": count("out_channels", 3),
+        "base_channels": base, "channel_mult": [c // base for c in channels], "num_res_blocks": count("layers_per_block", 2),
         "attention_resolutions": [size // 2**i for i, b in enumerate(down) if b == ATTN_DOWN],
-        "dropout": float(config.get("dropout", 0.0)), "norm_groups": int(config.get("norm_num_groups", 32)),
-        "num_classes": None if classes is None else int(classes) - 1, "num_heads": heads,
-        "norm_eps": float(config.get("norm_eps", 1e-5)), "embed_cos_first": bool(config.get("flip_sin_to_cos", True)),
+        "dropout": float(_typed(config, "dropout", 0.0, where, _is_number, "a number in [0, 1)")),
+        "norm_groups": count("norm_num_groups", 32), "num_classes": None if classes is None else classes - 1, "num_heads": heads,
+        "norm_eps": float(_typed(config, "norm_eps", 1e-5, where, _is_number, "a number > 0")), "embed_cos_first": flip,
         "embed_freq_shift": int(config.get("freq_shift", 0)), "downsample_padding": int(config.get("downsample_padding", 1)),
     }  # fmt: skip
+    try:
+        check_geometry(**{k: v for k, v in kwargs.items() if k != "embed_cos_first"}, names=lambda arg: AS_DIFFUSERS.get(arg, arg))
+    except GeometryError as e:  # e.arg shows the argument by its config key, first word (block_out_channels[0] -> block_out_channels)
+        raise refuse(re.match(r"\w+", e.arg).group(), e.accepted) from None
+    return kwargs
 
 
 def diffusers_config(unet: dict[str, Any]) -> dict[str, Any]:
@@ -114,19 +145,19 @@ def process_kwargs(scheduler: dict[str, Any], where: str) -> dict[str, Any]:
     betas must be this project's schedule of that name (checked to 1e-6), else ConfigError naming the key."""
     from ddpm.schedules import make_betas
 
-    T = int(scheduler.get("num_train_timesteps", 1000))
+    T = _typed(scheduler, "num_train_timesteps", 1000, where, _is_count, "an integer >= 1")
     name = scheduler.get("beta_schedule", "linear")
-    if name not in SCHEDULES:
+    if not isinstance(name, str) or name not in SCHEDULES:
         raise ConfigError(f"{where}: beta_schedule={json.dumps(name)} is not one of this project's schedules; expected {' or '.join(SCHEDULES)}")
     ours = make_betas(SCHEDULES[name], T)
     if name == "linear":
-        start, end = float(scheduler.get("beta_start", 1e-4)), float(scheduler.get("beta_end", 0.02))
+        start, end = (float(_typed(scheduler, key, default, where, _is_number, "a number")) for key, default in (("beta_start", 1e-4), ("beta_end", 0.02)))
         if abs(start - float(ours[0])) > 1e-6 or abs(end - float(ours[-1])) > 1e-6:
             raise ConfigError(f"{where}: beta_start={start}, beta_end={end} differ from this project's linear schedule at T={T} "
                               f"({float(ours[0]):.6g} to {float(ours[-1]):.6g})")  # fmt: skip
     for key, table in (("prediction_type", OBJECTIVES), ("variance_type", VARIANCES)):
         value = scheduler.get(key, "epsilon" if key == "prediction_type" else "fixed_small")
-        if value not in table:
+        if not isinstance(value, str) or value not in table:
             raise ConfigError(f"{where}: {key}={json.dumps(value)} is not supported; expected {' | '.join(table)}")
     return {"schedule": SCHEDULES[name], "timesteps": T, "objective": OBJECTIVES[scheduler.get("prediction_type", "epsilon")],
             "variance": VARIANCES[scheduler.get("variance_type", "fixed_small")]}  # fmt: skip
@@ -262,10 +293,14 @@ def to_diffusers_state(ours: dict[str, torch.Tensor], unet: dict[str, Any]) -> d
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The settings object of a config file; ConfigError naming the file when it is not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not readable JSON ({first_line(e)})") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: holds a JSON {type(config).__name__}; expected an object of settings ({{\"key\": value, ...}})")
+    return config
 
 
 def read_folder(folder: str | Path):

@@ -11,16 +11,17 @@ from PIL import Image, UnidentifiedImageError
 
 from ddpm.data import load_image
 from ddpm.errors import ConfigError, first_line
-from ddpm.images import from_uint8, read_npz
+from ddpm.images import from_uint8, open_image, read_npz
 
 MASK_PRESETS = ("left", "right", "top", "bottom", "center")  # the region generated; the rest is kept
 INIT_ACCEPTED = "an npz (`samples` float NCHW in [-1, 1], or `arr_0` uint8 NHWC), an image file, or a folder of images"
 
 
 def _open_image(path: Path, image_shape: tuple[int, int, int]) -> torch.Tensor:
-    """One image file as (C, H, W) in [-1, 1], preprocessed as the folder data is (ddpm.data.load_image)."""
+    """One image file as (C, H, W) in [-1, 1], preprocessed as the folder data is (ddpm.data.load_image); ValueError
+    for an image over Pillow's pixel limit (ddpm.images.open_image)."""
     channels, size, _ = image_shape
-    with Image.open(path) as im:
+    with open_image(path) as im:
         pixels = load_image(im, size, channels)
     return from_uint8(pixels.reshape(size, size, channels)[None])[0]
 
@@ -42,6 +43,8 @@ def read_init(path: str, image_shape: tuple[int, int, int]) -> torch.Tensor:
                     images.append(_open_image(f, image_shape))
                 except (UnidentifiedImageError, OSError):
                     continue  # not an image: a folder may hold notes beside its images
+                except ValueError as e:  # an image it must not take (over Pillow's pixel limit): refused, naming it, not skipped
+                    raise ConfigError(f"init={path}: {f.name}: {first_line(e)}") from e
             if not images:
                 raise ConfigError(f"init={path}: the folder holds no readable image ({len(files)} file(s)); expected {INIT_ACCEPTED}")
             images = torch.stack(images)
@@ -79,7 +82,7 @@ def build_mask(spec: str, image_shape: tuple[int, int, int]) -> torch.Tensor:
             if array.shape != (H, W) or not np.isin(array, (0.0, 1.0)).all():
                 raise ValueError(f"it holds {array.dtype} {array.shape}; expected (H, W) = ({H}, {W}) of 0 and 1")
         else:
-            with Image.open(p) as im:
+            with open_image(p) as im:
                 array = (np.asarray(im.convert("L").resize((W, H), Image.Resampling.NEAREST)) > 127).astype(np.float32)
     except (ValueError, OSError, UnidentifiedImageError) as e:
         raise ConfigError(f"mask={spec} cannot be read: {first_line(e)}; expected {accepted}") from e

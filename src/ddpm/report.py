@@ -10,8 +10,12 @@ evaluation). The record is rewritten atomically as the run goes, so a run that w
 run's `.hydra/overrides.yaml`), status, steps, wall time, the last `train/loss` and `val/loss`, and every `val/*`
 metric's last and best value with the step of the best. Jobs of a sweep that failed before they had a run dir
 (a bad value refused at start) are recorded by the `SweepSummary` Hydra callback in `<sweep dir>/.jobs/` and
-appear as failed rows. `write_summary` writes `summary.csv` and `summary.md`; `plot` draws one metric against
-steps, one line per run.
+appear as failed rows. A record that cannot be read (not JSON, or not of RunRecord's shape: `read_record`) keeps
+its row, with status "unreadable" and the reason in its error column: a user of a sweep's summary sees every job,
+and one damaged file ends neither the summary of the others nor the sweep that rewrites it after each job. The
+command line warns of each such row in one line, and refuses in one `error:` line (exit 2) a folder that is
+itself one run with such a record. `write_summary` writes `summary.csv` and `summary.md`; `plot` draws one metric
+against steps, one line per run.
 
     python -m ddpm.report outputs/multirun/2026-12-02/10-00-00                 # the table, summary.csv, summary.md
     python -m ddpm.report outputs/multirun/2026-12-02/10-00-00 --plot val/loss  # and val_loss.png
@@ -25,13 +29,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
 from ddpm import runlock
+from ddpm.errors import ConfigError, first_line
 
 RECORD = "run.json"
 JOBS = ".jobs"  # <sweep dir>/.jobs/<job number>.json: what Hydra said of each job
@@ -53,10 +58,85 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 # ---- reading: rows from run dirs ---------------------------------------------------------------------------
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_series(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and _is_number(p[1]) for p in v)
+
+
+# run.json's keys as ddpm.callbacks.RunRecord writes them: key -> (required, the rule, what is accepted); the rules
+# of `last` and `history` hold for each metric in them
+RECORD_KEYS = {
+    "status": (True, lambda v: isinstance(v, str), "a string (running, finished, failed, stopped)"),
+    "step": (True, lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "wall_s": (False, _is_number, "a number of seconds"),
+    "error": (False, lambda v: v is None or isinstance(v, str), "null or a string"),
+    "last": (False, _is_number, "a number"),
+    "history": (False, _is_series, "a list of [step, value] pairs"),
+}  # fmt: skip
+PER_METRIC = ("last", "history")
+# what sweep jobs' files (<sweep dir>/.jobs/<n>.json, SweepSummary) hold
+JOB_KEYS = {
+    "run_dir": (True, lambda v: isinstance(v, str), "a path"),
+    "status": (True, lambda v: isinstance(v, str), "a string (finished, failed)"),
+    "overrides": (False, lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v), "a list of key=value strings"),
+    "error": (False, lambda v: v is None or isinstance(v, str), "null or a string"),
+}  # fmt: skip
+
+
+def _read_object(path: Path, keys: dict[str, tuple[bool, Callable[[Any], bool], str]], what: str) -> dict[str, Any]:
+    """The JSON object at `path`; ConfigError naming the file (and the key) unless it is JSON, an object, and holds
+    `keys` as their rules accept (those of PER_METRIC: an object whose every value the rule accepts)."""
+    what = f"{what}, a JSON object with {' and '.join(json.dumps(k) for k, rule in keys.items() if rule[0])}"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, or not JSON (a file cut short)
+        raise ConfigError(f"{path}: not readable JSON ({first_line(e)}); expected {what}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: holds a JSON {type(data).__name__}; expected {what}")
+    for key, (required, ok, accepted) in keys.items():
+        if key not in data:
+            if required:
+                raise ConfigError(f"{path}: no {json.dumps(key)}; expected {what}")
+            continue
+        value = data[key]
+        if key in PER_METRIC:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {key}={_shown(value)} is invalid; expected an object of metric name: {accepted}")
+            bad = next((name for name, entry in value.items() if not ok(entry)), None)
+            if bad is not None:
+                raise ConfigError(f"{path}: {key}.{bad}={_shown(value[bad])} is invalid; expected {accepted}")
+        elif not ok(value):
+            raise ConfigError(f"{path}: {key}={_shown(value)} is invalid; expected {accepted}")
+    return data
+
+
+def _shown(value: Any) -> str:
+    """A JSON value in an error line, cut to 40 characters."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """A run's record (`<run dir>/run.json`); ConfigError naming the file and the key when it is not JSON or not of
+    RunRecord's shape (RECORD_KEYS)."""
+    return _read_object(Path(path), RECORD_KEYS, "a run record")
+
+
 def _overrides(run_dir: Path) -> dict[str, str]:
+    """The run's key=value overrides; none when its overrides.yaml is absent or is not a YAML list of strings."""
     path = run_dir / ".hydra" / "overrides.yaml"
-    items = yaml.safe_load(path.read_text()) if path.is_file() else None
-    return dict(o.split("=", 1) for o in items or [] if "=" in o)
+    try:
+        items = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):  # a damaged file: the row stays, without its overrides
+        items = None
+    return dict(o.split("=", 1) for o in items if isinstance(o, str) and "=" in o) if isinstance(items, list) else {}
 
 
 def _status(record: dict[str, Any], run_dir: Path) -> str:
@@ -99,20 +179,25 @@ def _row(root: Path, run_dir: Path, record: dict[str, Any], overrides: dict[str,
 
 def summarize(root: str | os.PathLike) -> list[dict[str, Any]]:
     """One row per run dir below `root` (the folder itself when it is one run), then one per failed sweep job that
-    left no run dir; columns: FIXED_COLUMNS, the overrides that vary across the rows, the val/* metrics."""
+    left no run dir; columns: FIXED_COLUMNS, the overrides that vary across the rows, the val/* metrics. A record
+    or job file that cannot be read (read_record) gives a row with status "unreadable" and the reason as its error."""
     root = Path(root)
     rows = []
     for record_path in sorted(root.rglob(RECORD), key=lambda p: _natural(p.parent, root)):
         if JOBS in record_path.parts:
             continue
         try:
-            record = json.loads(record_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            record = {"status": "unreadable"}
+            record = read_record(record_path)
+        except ConfigError as e:
+            record = {"status": "unreadable", "error": first_line(e)}
         rows.append(_row(root, record_path.parent, record, _overrides(record_path.parent)))
     seen = {Path(r["run_dir"]).resolve() for r in rows}
     for job_path in sorted((root / JOBS).glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0):
-        job = json.loads(job_path.read_text())
+        try:
+            job = _read_object(job_path, JOB_KEYS, "a sweep job's record")
+        except ConfigError as e:
+            rows.append(_row(root, job_path, {"status": "unreadable", "error": first_line(e)}, {}) | {"job": job_path.stem})
+            continue
         run_dir = Path(job["run_dir"])
         if run_dir.resolve() in seen:
             continue
@@ -169,6 +254,7 @@ def write_summary(root: str | os.PathLike, rows: list[dict[str, Any]] | None = N
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     """The summary on the terminal (rich), without the run dirs."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title)
@@ -176,7 +262,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     for c in cols:
         table.add_column(c, overflow="fold")
     for r in rows:
-        table.add_row(*(_cell(r.get(c)) for c in cols))
+        table.add_row(*(escape(_cell(r.get(c))) for c in cols))  # cells are text: an error's [brackets] are not markup
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
@@ -193,8 +279,10 @@ def plot(root: str | os.PathLike, metric: str, out: str | os.PathLike | None = N
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for r in rows:
-        path = Path(r["run_dir"]) / RECORD
-        series = json.loads(path.read_text()).get("history", {}).get(metric, []) if path.is_file() else []
+        try:
+            series = read_record(Path(r["run_dir"]) / RECORD).get("history", {}).get(metric, [])
+        except ConfigError:  # no record (a job that failed at start) or an unreadable one (its row says why): no line
+            series = []
         if series:
             label = ", ".join(f"{k}={r[k]}" for k in varying) or r["job"]
             ax.plot([p[0] for p in series], [p[1] for p in series], marker="o" if len(series) < 20 else None, label=f"{r['job']}: {label}")
@@ -255,9 +343,18 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.folder)
     if not root.is_dir():
         raise SystemExit(f"error: {root}: no such folder (expected a sweep dir or a folder of run dirs)")
+    if (root / RECORD).is_file():  # the folder is one run: its record is the whole report, so a bad one is refused
+        try:
+            read_record(root / RECORD)
+        except ConfigError as e:
+            print(f"error: {first_line(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
     rows = summarize(root)
     if not rows:
         raise SystemExit(f"error: {root}: no run below it has a {RECORD} (runs of this version of ddpm write one)")
+    for r in rows:
+        if r["status"] == "unreadable":
+            print(f"warning: {r['error']}; its row says status unreadable", file=sys.stderr)
     csv_path, md_path = write_summary(root, rows)
     print_table(rows, f"{root}: {len(rows)} run(s)")
     print(f"wrote {csv_path} and {md_path}")
