@@ -3,14 +3,16 @@
     python train.py                                         # digits on the CPU, a few minutes
     python train.py schedule=cosine model=small             # swap config groups (conf/<group>/<option>.yaml)
     python train.py -m schedule=linear,cosine seed=0,1,2    # a sweep: one run dir per job
-    python train.py name=demo resume=true                   # continue outputs/runs/demo from its newest checkpoint
+    python train.py name=demo resume=true                   # continue outputs/runs/demo from its latest checkpoint
+    python train.py name=demo overwrite=true                # start afresh: the earlier run is moved to outputs/runs/demo.<time>
 
 Each run dir (outputs/runs/<date>/<time>, or outputs/runs/<name>) holds .hydra/ (the composed config),
 checkpoints/ (last.ckpt), samples/ (grid PNGs) and the logger's files.
 
-Exit status: 0 done; 2 a bad config or data, or a run dir another train.py is using (one `error:` line); 3 a
-non-finite loss stopped training (one `error:` line, last.ckpt keeps the last good state); 128 + the signal number
-when SIGTERM (143) or Ctrl-C (130) stopped it after saving last.ckpt (one line naming it). docs/reliability.md.
+Exit status: 0 done; 2 a bad config or data, a run dir another process is using, or one that holds a run without
+resume=true or overwrite=true (one `error:` line); 3 a non-finite loss stopped training (one `error:` line, last.ckpt
+keeps the last good state); 128 + the signal number when SIGTERM (143) or Ctrl-C (130) stopped it after saving
+last.ckpt (one line naming it). docs/reliability.md.
 """
 from __future__ import annotations
 

@@ -6,12 +6,15 @@ per process) and W&B offline with no account.
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["debug=fast"]  # model=tiny, T=100, 8 steps, grids and checkpoints every 4 steps, csv logger
@@ -102,3 +105,13 @@ def perturbed(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch
         for p in model.parameters():
             p.add_(std * torch.randn(p.shape, generator=g))
     return model.eval()
+
+
+def huge_png(path: Path, side: int) -> Path:
+    """A 1 x 1 PNG whose header claims side x side pixels (its CRC fixed): Pillow reads the size, never the pixels."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", side, side)  # IHDR's width and height, after the signature, length and type
+    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))
+    path.write_bytes(bytes(data))
+    return path

@@ -18,7 +18,7 @@ from ddpm.edit_inputs import build_mask, read_init
 from ddpm.errors import ConfigError
 from ddpm.images import open_image, read_npz
 from ddpm.unet import check_geometry
-from test_bad_inputs import huge_png
+from conftest import huge_png
 
 # ---- samples files (ddpm.images.read_npz): sample.py's samples= and init= ---------------------------------------
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,16 +116,6 @@ CASES = [
     # a run's record read by the report (a folder that is one run; in a sweep the row says so instead)
     report("report_run_json", "{tmp}/bad_record", named=("{tmp}/bad_record/run.json", "step=-3", "an integer >= 0")),
 ]
-
-
-def huge_png(path: Path, side: int) -> Path:
-    """A 1 x 1 PNG whose header claims side x side pixels (its CRC fixed): Pillow reads the size, never the pixels."""
-    Image.new("L", (1, 1)).save(path)
-    data = bytearray(path.read_bytes())
-    data[16:24] = struct.pack(">II", side, side)  # IHDR's width and height, after the signature, length and type
-    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))
-    path.write_bytes(bytes(data))
-    return path
 
 
 def make_inputs(tmp: Path, ckpt: Path) -> None:

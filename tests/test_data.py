@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import huge_png
 from ddpm.errors import ConfigError
 from ddpm.data import CIFAR10_FILES, DataError, ImageDataModule, digits_split, load_image
 from ddpm.images import make_grid
@@ -43,7 +44,7 @@ def truncated(path: Path, image: Image.Image) -> Path:
 
 
 def make_folder(root: Path) -> Path:
-    """Two class folders of mixed modes and sizes, one tiny image, and three files that cannot be used."""
+    """Two class folders of mixed modes and sizes, one tiny image, and four files that cannot be used."""
     rng = np.random.default_rng(0)
     for i, mode in enumerate(["RGB", "L", "RGBA", "P", "LA", "RGB"]):
         sub = root / ("cats" if i % 2 else "dogs")
@@ -54,6 +55,7 @@ def make_folder(root: Path) -> Path:
     (root / "cats" / "readme.txt").write_text("hello")
     (root / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     truncated(root / "dogs" / "cut.jpg", Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    huge_png(root / "cats" / "bomb.png", 12000)  # over Pillow's pixel limit: never decoded
     return root
 
 
@@ -66,8 +68,9 @@ def test_folder_modes_resize_and_skips(tmp_path: Path, channels: int) -> None:
         dm.setup("fit")
     messages = [str(w.message) for w in caught]
     skipped = [m for m in messages if "skipped" in m]
-    assert len(skipped) == 1 and "skipped 3 file(s)" in skipped[0], messages
+    assert len(skipped) == 1 and "skipped 4 file(s)" in skipped[0], messages
     assert "2 not an image" in skipped[0] and "1 corrupt or truncated (dogs/cut.jpg)" in skipped[0]
+    assert "1 over Pillow's limit of 89,478,485 pixels (cats/bomb.png)" in skipped[0]
     upscaled = [m for m in messages if "upscaled" in m]
     assert len(upscaled) == 1 and "1 image(s) smaller than data.resolution=8" in upscaled[0] and "tiny.jpg" in upscaled[0]
     assert len(dm.train_set) + len(dm.val_set) == 7

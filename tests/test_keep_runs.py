@@ -169,3 +169,14 @@ def test_run_record_warns_once_on_a_full_disk_and_goes_on(tmp_path: Path, monkey
     assert kept["status"] == "finished" and kept["step"] == 3
     assert kept["history"]["train/loss"] == [[1, 1.0], [2, 2.0], [3, 3.0]]
     assert capsys.readouterr().err == ""
+
+
+def test_run_record_resumed_over_a_damaged_record_warns_and_starts_anew(tmp_path: Path, capsys) -> None:
+    """A resumed run whose run.json is not a record (cut short, edited by hand) warns in one line and writes a new one."""
+    (tmp_path / "run.json").write_text('{"status": "running", "step": ')
+    trainer = SimpleNamespace(is_global_zero=True, global_step=4, log_every_n_steps=1, sanity_checking=False, callback_metrics={})
+    RunRecord(tmp_path).on_train_start(trainer, None)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {tmp_path / 'run.json'}") and lines[0].endswith("; starting a new record")
+    kept = json.loads((tmp_path / "run.json").read_text())
+    assert kept["status"] == "running" and kept["step"] == 4 and kept["history"] == {}

@@ -18,7 +18,8 @@ import torch
 
 from conftest import ROOT, train
 from ddpm.errors import ConfigError
-from ddpm.sample_callbacks import RankFailed, _Failure, _together
+from ddpm.errors import Failure, RankFailed
+from ddpm.sample_callbacks import _together
 
 DDP = ("hardware=ddp", "hardware.accelerator=cpu", "hardware.devices=2", "data.batch_size=32")
 
@@ -74,7 +75,7 @@ def test_a_failure_on_one_rank_stops_every_rank_with_one_line(tmp_path: Path, wh
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert {x for x in proc.stderr.splitlines() if x.startswith("error:")} == {"error: injected failure"}, proc.stderr[-3000:]
     else:  # a bug: every rank's traceback ends in the line, and rank 0's chains the original error
-        assert proc.stderr.count(f"ddpm.sample_callbacks.{line}") == 2, proc.stderr[-3000:]
+        assert proc.stderr.count(f"ddpm.errors.{line}") == 2, proc.stderr[-3000:]
         assert "\nRuntimeError: injected failure" in proc.stderr or "]: RuntimeError: injected failure" in proc.stderr
 
 
@@ -83,9 +84,9 @@ def test_a_failure_on_one_rank_stops_every_rank_with_one_line(tmp_path: Path, wh
 
 class FakeStrategy:
     """Stands in for rank `rank` of a world whose other ranks' work failed or not (`others_failed`: rank -> the
-    _Failure it broadcasts, or None); records the collectives called."""
+    Failure it broadcasts, or None); records the collectives called."""
 
-    def __init__(self, rank: int, others_failed: dict[int, _Failure | None]) -> None:
+    def __init__(self, rank: int, others_failed: dict[int, Failure | None]) -> None:
         self.rank, self.others, self.calls = rank, others_failed, []
         self.root_device = torch.device("cpu")
 
@@ -100,7 +101,7 @@ class FakeStrategy:
         return obj if src == self.rank else self.others[src]
 
 
-def fake_trainer(rank: int, others_failed: dict[int, _Failure | None]) -> SimpleNamespace:
+def fake_trainer(rank: int, others_failed: dict[int, Failure | None]) -> SimpleNamespace:
     return SimpleNamespace(world_size=len(others_failed) + 1, global_rank=rank, strategy=FakeStrategy(rank, others_failed))
 
 
@@ -124,7 +125,7 @@ def test_one_process_keeps_its_own_value_and_error() -> None:
 def test_every_rank_raises_the_lowest_failed_ranks_line() -> None:
     """Rank 1's user error and rank 2's bug: ranks 0, 1 and 2 all raise ConfigError with rank 1's line (the lowest
     rank that failed); the rank that failed chains its original. With no failure, one gather and the value."""
-    theirs = _Failure(2, "RuntimeError", "CUDA out of memory", False)
+    theirs = Failure(2, "RuntimeError", "CUDA out of memory", False)
     mine = ConfigError("data.root=/x: no val split\nmore detail")
     on_rank_1 = fake_trainer(1, {0: None, 2: theirs})
     with pytest.raises(ConfigError) as raised:
@@ -132,7 +133,7 @@ def test_every_rank_raises_the_lowest_failed_ranks_line() -> None:
     assert str(raised.value) == "data.root=/x: no val split" and raised.value.__cause__ is mine
     assert on_rank_1.strategy.calls == ["all_gather", "broadcast from 1"]
 
-    on_rank_0 = fake_trainer(0, {1: _Failure(1, "ConfigError", "data.root=/x: no val split", True), 2: theirs})
+    on_rank_0 = fake_trainer(0, {1: Failure(1, "ConfigError", "data.root=/x: no val split", True), 2: theirs})
     with pytest.raises(ConfigError, match="^data.root=/x: no val split$") as raised:
         _together(on_rank_0, lambda: {"fid": 1.5})
     assert raised.value.__cause__ is None

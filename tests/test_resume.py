@@ -25,6 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from conftest import train
 from ddpm.checkpoints import newest_valid_checkpoint
 from ddpm.data import ImageDataModule, ResumableLoader
+from ddpm.errors import ConfigError
 from ddpm.module import LR_HORIZON, DiffusionModule
 
 TINY_UNET = dict(image_size=8, in_channels=1, base_channels=8, channel_mult=[1], num_res_blocks=1, attention_resolutions=[], norm_groups=4)
@@ -194,8 +195,8 @@ def lr_factors(module: DiffusionModule, steps: range) -> list[float]:
 
 
 def test_resume_keeps_the_first_learning_rate_curve(capsys: pytest.CaptureFixture) -> None:
-    """lr_decay ends at the run's first trainer.max_steps, which checkpoints keep; a resume with another max_steps
-    follows the first curve and says so in one line."""
+    """lr_decay ends at the run's first trainer.max_steps, which checkpoints keep: a resume that stops earlier follows
+    the first curve and says so in one line; one that would train past the curve's end (lr 0) is refused."""
     first = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=0, lr_decay="linear")
     first._trainer = FakeTrainer(max_steps=4)
     assert lr_factors(first, range(5)) == [1.0, 0.75, 0.5, 0.25, 0.0]
@@ -204,9 +205,19 @@ def test_resume_keeps_the_first_learning_rate_curve(capsys: pytest.CaptureFixtur
     assert checkpoint[LR_HORIZON] == 4
 
     resumed = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=0, lr_decay="linear")
-    resumed._trainer = FakeTrainer(max_steps=8)
+    resumed._trainer = FakeTrainer(max_steps=3)
     resumed.on_load_checkpoint(checkpoint)
     assert lr_factors(resumed, range(5)) == [1.0, 0.75, 0.5, 0.25, 0.0]
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["note: trainer.max_steps=8 differs from the 4 this run started with; lr_decay=linear keeps its curve, "
-                     "which ends at step 4; its steps after 4 train at lr 0"]  # fmt: skip
+    assert lines == ["note: trainer.max_steps=3 stops before the end of this run's lr_decay=linear curve, which keeps its end at step 4"]
+
+    for longer in (8, -1):
+        extended = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=0, lr_decay="linear")
+        extended._trainer = FakeTrainer(max_steps=longer)
+        with pytest.raises(ConfigError, match=rf"^trainer.max_steps={longer} goes past the end of this run's lr_decay=linear curve, which reaches lr 0 at step 4"):
+            extended.on_load_checkpoint(checkpoint)
+
+    constant = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=0, lr_decay="none")
+    constant._trainer = FakeTrainer(max_steps=8)
+    constant.on_load_checkpoint(checkpoint)  # lr_decay=none: a longer leg is just more steps
+    assert lr_factors(constant, range(6)) == [1.0] * 6 and capsys.readouterr().err == ""

@@ -106,7 +106,7 @@ def test_report_of_a_folder_of_runs(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     out = subprocess.run([sys.executable, "-m", "ddpm.report", str(empty)], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr
+    assert out.returncode == 2 and out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr
 
 
 def test_resume_continues_the_same_wandb_run(tmp_path: Path) -> None:

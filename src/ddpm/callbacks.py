@@ -39,7 +39,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from ddpm.atomic import write_text_atomic
 from ddpm.checkpoints import checkpoint_problem, checkpoint_step
 from ddpm.errors import ConfigError
-from ddpm.report import RECORD
+from ddpm.report import RECORD, read_record
 
 
 class EMA(WeightAveraging):
@@ -315,7 +315,12 @@ class RunRecord(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        previous = {}
+        if self.path.is_file():  # a resumed run continues its record; a damaged one is a report lost, not a reason to stop
+            try:
+                previous = read_record(self.path)
+            except ConfigError as e:
+                print(f"warning: {e}; starting a new record", file=sys.stderr)
         step = trainer.global_step  # the resumed step (0 for a fresh run): the loops are restored by now
         history = {k: [p for p in v if p[0] <= step] for k, v in previous.get("history", {}).items()}
         self._wall_before = previous.get("wall_s", 0.0) if step else 0.0

@@ -22,6 +22,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from ddpm.atomic import write_atomic
 from ddpm.config import LAST, unreadable_checkpoint
 from ddpm.errors import ConfigError, first_line
 from ddpm.module import PROCESS_OPTIONS, DiffusionModule
@@ -33,34 +34,18 @@ REQUIRED_KEYS = ("state_dict", "global_step", "loops")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO that writes `<dir>/.<name>.partial`, fsyncs it, then renames it over `<dir>/<name>`.
+    """TorchCheckpointIO that writes each checkpoint whole or not at all (ddpm.atomic.write_atomic: `.<name>.partial`
+    beside it, fsynced, renamed over `<name>`), and reads every checkpoint with `weights_only=True`.
 
-    The partial file has its own name per target, so one left behind by a killed process is overwritten by
-    the next save of that checkpoint; it does not end in `.ckpt`, so neither Lightning nor `resume_checkpoint`
-    takes it for a checkpoint. Remote paths (s3://, gs://, ...) keep Lightning's own upload.
+    A partial file left behind by a killed process is overwritten by the next save of that checkpoint; it does not end
+    in `.ckpt`, so neither Lightning nor `resume_checkpoint` takes it for a checkpoint. Remote paths (s3://, gs://, ...)
+    keep Lightning's own upload.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        if os.name == "posix":  # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's load, always with `weights_only=True`: a checkpoint handed in is read as data, never executed

@@ -426,7 +426,7 @@ class Validate(Callback):
                 runlock.acquire(config.hydra.run.dir, resume=resume)
             else:  # sample.py: its out_dir is its run dir, locked the same way (check_sample_run has refused replacing files there)
                 note_new_folders(config.hydra.run.dir)
-                runlock.acquire(config.hydra.run.dir)
+                runlock.acquire(config.hydra.run.dir, elsewhere="out_dir=")
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         runlock.release(config.hydra.run.dir)  # train.py's and sample.py's

@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from ddpm.images import open_image
 from ddpm.registry import registrar
 from ddpm.errors import ConfigError
 from ddpm.schema import check_data
@@ -274,16 +275,19 @@ def scan_image_folder(root: str | None, resolution: int | None = None) -> tuple[
     """The usable images under `root` (recursive, sorted) with labels from their top-level subfolder.
 
     Every file is decoded once (JPEGs at reduced scale), so what training reads later cannot fail: files that are
-    not images and images that are corrupt or truncated are skipped and counted in one warning; images whose shorter
-    side is below `resolution` are kept, upscaled, and counted in another. Labels: the index of the first-level
-    subfolder when every image sits in one (ImageFolder layout), else 0. Raises DataError when the folder is missing
-    or holds no usable image.
+    not images, images that are corrupt or truncated and images over Pillow's pixel limit (decompression bombs) are
+    skipped and counted in one warning; images whose shorter side is below `resolution` are kept, upscaled, and
+    counted in another. Labels: the index of the first-level subfolder when every image sits in one (ImageFolder
+    layout), else 0. Raises DataError when the folder is missing or holds no usable image.
     """
     folder = _image_folder(root)
-    files, not_images, broken, small = [], [], [], []
+    files, not_images, broken, huge, small = [], [], [], [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
-            im = Image.open(path)
+            im = open_image(path)
+        except ValueError:  # more pixels than Pillow's limit: refused before decoding
+            huge.append(path)
+            continue
         except Exception:  # UnidentifiedImageError, or unreadable
             not_images.append(path)
             continue
@@ -296,12 +300,14 @@ def scan_image_folder(root: str | None, resolution: int | None = None) -> tuple[
             files.append(path)
         except Exception:  # truncated or corrupt data
             broken.append(path)
-    if not_images or broken:
+    skipped = len(not_images) + len(broken) + len(huge)
+    if skipped:
         parts = [f"{len(not_images)} not an image ({_examples(not_images, folder)})"] if not_images else []
         parts += [f"{len(broken)} corrupt or truncated ({_examples(broken, folder)})"] if broken else []
-        warnings.warn(f"data.root={root}: skipped {len(not_images) + len(broken)} file(s): {'; '.join(parts)}", stacklevel=2)
+        parts += [f"{len(huge)} over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels ({_examples(huge, folder)})"] if huge else []
+        warnings.warn(f"data.root={root}: skipped {skipped} file(s): {'; '.join(parts)}", stacklevel=2)
     if not files:
-        found = f" ({len(not_images) + len(broken)} file(s) skipped, see the warning)" if not_images or broken else ""
+        found = f" ({skipped} file(s) skipped, see the warning)" if skipped else ""
         raise DataError(f"data.root={root}: no usable images found{found}; expected png, jpg, bmp, gif, webp, ... files")
     if small:
         warnings.warn(

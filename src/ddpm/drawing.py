@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ddpm.errors import ConfigError, first_line
+from ddpm.errors import ConfigError, Failure, first_line
 from ddpm.schema import check
 
 GRID_MAX = 256  # grid.png shows at most this many samples; samples.npz holds all n
@@ -103,9 +103,9 @@ def join_ranks(cfg: DictConfig) -> tuple[int, int]:
 
 def on_rank_zero(work: Callable[[], Any], rank: int, world: int) -> Any:
     """`work()` on rank 0 only (None elsewhere), its outcome broadcast to every rank under torchrun: when it fails,
-    every rank raises at once (a configuration error as the same ConfigError line, a bug as a RuntimeError naming it)
-    instead of drawing its share and then waiting for rank 0 in the gather until the process group's timeout (30
-    minutes). Every rank calls this the same number of times (one broadcast each)."""
+    every rank raises at once (Failure.exception: a configuration error as the same ConfigError line, a bug as
+    RankFailed naming it) instead of drawing its share and then waiting for rank 0 in the gather until the process
+    group's timeout (30 minutes). Every rank calls this the same number of times (one broadcast each)."""
     if world == 1:
         return work()
     import torch.distributed as dist
@@ -115,14 +115,10 @@ def on_rank_zero(work: Callable[[], Any], rank: int, world: int) -> Any:
         try:
             result = work()
         except Exception as e:
-            error = e
-            verdict = [(True, first_line(e)) if isinstance(e, ConfigError) else (False, f"{type(e).__name__}: {first_line(e)}")]
+            error, verdict = e, [Failure.of(e, rank)]
     dist.broadcast_object_list(verdict, src=0)
-    if error is not None:
-        raise error
     if verdict[0] is not None:
-        user_error, line = verdict[0]
-        raise ConfigError(line) if user_error else RuntimeError(f"rank 0 failed: {line}")
+        raise verdict[0].exception() from error
     return result
 
 

@@ -36,11 +36,11 @@ from ddpm.schema import LrDecay, Optimizer, check_lr_decay, check_module
 from ddpm.unet import UNet, is_channels_last
 
 QUARTILES = 4
-# The checkpoint key of the step where lr_decay ends, fixed by the run's first trainer.max_steps. A resume keeps it
-# whatever max_steps it is given (noting a different one in one line) rather than refusing: the curve is the run's
-# state, as the optimizer's moments are, and max_steps only says where a leg stops; a refusal would also forbid
-# continuing a finished run with lr_decay=none, whose curve does not depend on max_steps. A new curve is a new run
-# from the weights (init_weights=<run dir>).
+# The checkpoint key of the step where lr_decay ends, fixed by the run's first trainer.max_steps. A resume keeps it:
+# the curve is the run's state, as the optimizer's moments are. A resume that stops earlier follows it and says so in
+# one line; one that would go past its end (where the lr is 0) is refused, since those steps would train nothing: a
+# longer curve is a new run from the weights (init_weights=<run dir>). With lr_decay=none, max_steps only says where
+# a leg stops.
 LR_HORIZON = "lr_decay_steps"
 
 
@@ -327,10 +327,16 @@ class DiffusionModule(LightningModule):
             return
         self._lr_horizon = int(horizon)
         trainer = self._trainer
-        if trainer is not None and self.hparams.lr_decay != "none" and trainer.max_steps != horizon and trainer.is_global_zero:
-            after = f"; its steps after {horizon} train at lr 0" if trainer.max_steps == -1 or trainer.max_steps > horizon else ""
-            print(f"note: trainer.max_steps={trainer.max_steps} differs from the {horizon} this run started with; "
-                  f"lr_decay={self.hparams.lr_decay} keeps its curve, which ends at step {horizon}{after}", file=sys.stderr)  # fmt: skip
+        if trainer is None or self.hparams.lr_decay == "none" or trainer.max_steps == horizon:
+            return
+        decay = self.hparams.lr_decay
+        if trainer.max_steps == -1 or trainer.max_steps > horizon:
+            raise ConfigError(f"trainer.max_steps={trainer.max_steps} goes past the end of this run's lr_decay={decay} curve, which reaches "
+                              f"lr 0 at step {horizon} (its first max_steps); resume with trainer.max_steps<={horizon}, or train on "
+                              f"from its weights as a new run: init_weights=<run dir> trainer.max_steps=<more>")  # fmt: skip
+        if trainer.is_global_zero:
+            print(f"note: trainer.max_steps={trainer.max_steps} stops before the end of this run's lr_decay={decay} curve, "
+                  f"which keeps its end at step {horizon}", file=sys.stderr)  # fmt: skip
 
     # ---- sampling and likelihood ---------------------------------------------------------------------
 

@@ -289,7 +289,7 @@ def plot(root: str | os.PathLike, metric: str, out: str | os.PathLike | None = N
             drawn += 1
     if not drawn:
         plt.close(fig)
-        raise SystemExit(f"error: no run below {root} logged {metric}; logged: {', '.join(sorted({k for r in rows for k in r if '/' in k})) or 'nothing'}")
+        raise ConfigError(f"no run below {root} logged {metric}; logged: {', '.join(sorted({k for r in rows for k in r if '/' in k})) or 'nothing'}")
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric}: {root}")
@@ -340,26 +340,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", metavar="METRIC", help="also draw METRIC (e.g. val/loss, train/loss, val/fid) against steps, one line per run")
     p.add_argument("--out", help="the plot's PNG (default: <folder>/<metric>.png)")
     args = p.parse_args(argv)
-    root = Path(args.folder)
+    try:
+        run_report(Path(args.folder), args.plot, args.out)
+    except ConfigError as e:  # a bad folder or record: one line, exit status 2, as train.py and sample.py
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_report(root: Path, plot_metric: str | None = None, out: str | None = None) -> None:
+    """The command's work: summarize the runs below `root`, write summary.csv/.md and print the table (and plot
+    `plot_metric`); ConfigError for a folder that is missing, holds no run, or is one run with a bad record."""
     if not root.is_dir():
-        raise SystemExit(f"error: {root}: no such folder (expected a sweep dir or a folder of run dirs)")
+        raise ConfigError(f"{root}: no such folder (expected a sweep dir or a folder of run dirs)")
     if (root / RECORD).is_file():  # the folder is one run: its record is the whole report, so a bad one is refused
-        try:
-            read_record(root / RECORD)
-        except ConfigError as e:
-            print(f"error: {first_line(e)}", file=sys.stderr)
-            raise SystemExit(2) from None
+        read_record(root / RECORD)
     rows = summarize(root)
     if not rows:
-        raise SystemExit(f"error: {root}: no run below it has a {RECORD} (runs of this version of ddpm write one)")
+        raise ConfigError(f"{root}: no run below it has a {RECORD} (runs of this version of ddpm write one)")
     for r in rows:
         if r["status"] == "unreadable":
             print(f"warning: {r['error']}; its row says status unreadable", file=sys.stderr)
     csv_path, md_path = write_summary(root, rows)
     print_table(rows, f"{root}: {len(rows)} run(s)")
     print(f"wrote {csv_path} and {md_path}")
-    if args.plot:
-        print(f"wrote {plot(root, args.plot, args.out)}")
+    if plot_metric:
+        print(f"wrote {plot(root, plot_metric, out)}")
 
 
 if __name__ == "__main__":

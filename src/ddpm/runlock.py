@@ -93,13 +93,14 @@ def _describe(record: dict | None) -> str:
     return f"pid {record.get('pid')} on host {record.get('host')} since {record.get('since')} (started by '{record.get('command')}')"
 
 
-def _in_use(subject: str, record: dict | None, resume: bool, sweep: bool = False, lock_path: Path | None = None) -> RunInUse:
+def _in_use(subject: str, record: dict | None, resume: bool, sweep: bool = False, lock_path: Path | None = None,
+            elsewhere: str | None = None) -> RunInUse:
     """`<subject> in use by <holder>; <what to do>`; subject: `outputs/runs/demo is`, or where it lies and is."""
     pid = record.get("pid") if record else None
     if resume:
         advice = f"wait for it to end, or stop it (kill -TERM {pid} saves last.ckpt) and then resume" if pid else "wait for it to end, then resume"
     else:
-        advice = f"wait for it to end, or choose another name=/hydra.{'sweep' if sweep else 'run'}.dir="
+        advice = f"wait for it to end, or choose another {elsewhere or ('name=/hydra.sweep.dir=' if sweep else 'name=/hydra.run.dir=')}"
     if lock_path is not None:
         advice += f"; if that run is gone, delete {lock_path}"
     return RunInUse(f"{subject} in use by {_describe(record)}; {advice}")
@@ -128,13 +129,15 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def acquire(run_dir: str | os.PathLike, *, shown: str | None = None, resume: bool = False, sweep: bool = False) -> bool:
+def acquire(run_dir: str | os.PathLike, *, shown: str | None = None, resume: bool = False, sweep: bool = False,
+            elsewhere: str | None = None) -> bool:
     """Create `run_dir` and lock it for this process until release() or exit; True when this call took the lock.
 
     False without doing anything on a rank other than global rank 0; when this process holds it already, False
     and one more release() is needed (a sweep job whose dir is the sweep dir).
     Raises RunInUse when another live process holds it (nothing in the dir is changed). `shown`: the dir as the
-    user wrote it, for the messages; `resume`, `sweep`: word the refusal for resume=true, for a sweep dir.
+    user wrote it, for the messages; `resume`, `sweep`: word the refusal for resume=true, for a sweep dir;
+    `elsewhere`: the keys that choose another dir (default `name=/hydra.run.dir=`; sample.py's `out_dir=`).
     """
     key = _key(run_dir)
     if not is_global_rank_zero():
@@ -156,7 +159,7 @@ def acquire(run_dir: str | os.PathLike, *, shown: str | None = None, resume: boo
         if locked is False:
             record = _read(fd, wait=0.5)
             os.close(fd)
-            raise _in_use(f"{shown} is", record, resume, sweep)
+            raise _in_use(f"{shown} is", record, resume, sweep, elsewhere=elsewhere)
         if locked and not _same_file(fd, path):
             os.close(fd)  # the holder deleted the file after we opened it: its lock was on the old inode
             continue
@@ -164,7 +167,7 @@ def acquire(run_dir: str | os.PathLike, *, shown: str | None = None, resume: boo
         alive = _alive(previous) if previous and locked is None else False
         if alive is not False:  # no flock here, and the record names a live holder (or one on another host)
             os.close(fd)
-            raise _in_use(f"{shown} is", previous, resume, sweep, lock_path=path if alive is None else None)
+            raise _in_use(f"{shown} is", previous, resume, sweep, lock_path=path if alive is None else None, elsewhere=elsewhere)
         if previous:
             print(f"warning: {shown}: taking over the lock of {_describe(previous)}, which is no longer running", file=sys.stderr)
         data = json.dumps(_record()).encode()

@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar, get_args
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ddpm.callbacks import EMA, ema_module
 from ddpm.diffusion import Spacing
-from ddpm.errors import ConfigError, first_line
+from ddpm.errors import ConfigError, Failure
 from ddpm.evaluation import SAMPLE_METRICS, build_evaluator, datamodule_images, dataset_images, dataset_labels, validate_metrics
 from ddpm.images import make_grid, save_grid, to_uint8
 from ddpm.metrics import Metric
@@ -77,31 +77,12 @@ def _call(trainer: pl.Trainer, module: pl.LightningModule, method: str, *args: A
     return getattr(module, method)(*args, **kwargs)
 
 
-class RankFailed(RuntimeError):
-    """An error other than a ConfigError that one rank raised in work all ranks do together (`_together`), raised
-    on every rank with one message: the rank, the original's type and the first line of its message."""
-
-
-class _Failure(NamedTuple):
-    """What one rank tells the others of its error: small and picklable, whatever the error holds."""
-
-    rank: int
-    type_name: str
-    line: str
-    user_error: bool  # a ConfigError (ddpm.data.DataError included): the user's to fix, one `error:` line
-
-    def exception(self) -> Exception:
-        if self.user_error:
-            return ConfigError(self.line)
-        return RankFailed(f"rank {self.rank}: {self.type_name}: {self.line}")
-
-
 T = TypeVar("T")
 
 
 def _together(trainer: pl.Trainer, work: Callable[[], T]) -> T:
     """`work()` on this rank, then a verdict shared by every rank: its value when no rank raised, else every rank raises
-    the error of the lowest rank that did (`_Failure.exception`; that rank chains its original, with its traceback).
+    the error of the lowest rank that did (`Failure.exception`; that rank chains its original, with its traceback).
 
     Every rank must call it, at the same point (module docstring): a flag per rank is gathered (one small collective),
     and only after a failure does the failing rank broadcast its error. One process re-raises its own error unchanged.
@@ -121,8 +102,8 @@ def _together(trainer: pl.Trainer, work: Callable[[], T]) -> T:
     if not failed.any():
         return value
     source = int(failed.nonzero()[0])
-    mine = None if error is None else _Failure(trainer.global_rank, type(error).__name__, first_line(error), isinstance(error, ConfigError))
-    failure: _Failure = trainer.strategy.broadcast(mine, src=source)
+    mine = None if error is None else Failure.of(error, trainer.global_rank)
+    failure: Failure = trainer.strategy.broadcast(mine, src=source)
     raise failure.exception() from error
 
 
