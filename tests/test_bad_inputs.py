@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, ROOT, _env, run_script
+from conftest import FAST, ROOT, _env, huge_png, run_script
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ states, the checkpoint a resume chooses, and the learning-rate curve a resume ke
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import random
@@ -26,6 +27,7 @@ from conftest import train
 from ddpm.checkpoints import newest_valid_checkpoint
 from ddpm.data import ImageDataModule, ResumableLoader
 from ddpm.errors import ConfigError
+from ddpm.evaluation import dataset_images
 from ddpm.module import LR_HORIZON, DiffusionModule
 
 TINY_UNET = dict(image_size=8, in_channels=1, base_channels=8, channel_mult=[1], num_res_blocks=1, attention_resolutions=[], norm_groups=4)
@@ -58,17 +60,19 @@ def test_resumed_legs_equal_an_uninterrupted_run(tmp_path: Path) -> None:
     """Stopped at step 4 (mid-epoch), resumed to 11 (the epoch's last batch), then copied without timestamps, the oldest
     step_000004.ckpt made the newest file, and resumed from the copy to 15 (mid second epoch), with random flips: the
     weights, the EMA, the optimizer and the scheduler equal those of one 15-step run bitwise; no leg warns that the
-    dataloader is not resumable; the copy's last.ckpt holds the end (no last-v1.ckpt beside it)."""
+    dataloader is not resumable; the copy's last.ckpt holds the end (no last-v1.ckpt beside it). Batches are read
+    by 2 worker processes, as conf/data/cifar10.yaml and folder.yaml read them."""
     reference, run, copy = tmp_path / "reference", tmp_path / "run", tmp_path / "copy"
-    flips = "data.hflip=true"  # drawn from the global torch RNG as batches are read: exact only with its state restored
-    train(reference, "trainer.max_steps=15", flips)
+    # flips are drawn by the loader in this process from the global torch RNG: exact only with its state restored
+    flips = ("data.hflip=true", "data.num_workers=2")
+    train(reference, "trainer.max_steps=15", *flips)
     keep = "callbacks.checkpoint.save_top_k=-1"  # step_000004, step_000008, step_000011 and last (11)
-    legs = [train(run, "trainer.max_steps=4", flips, keep), train(run, "trainer.max_steps=11", "resume=true", flips, keep)]
+    legs = [train(run, "trainer.max_steps=4", *flips, keep), train(run, "trainer.max_steps=11", "resume=true", *flips, keep)]
     shutil.copytree(run, copy, copy_function=shutil.copyfile)  # contents only: every file gets the copy's time
     older = copy / "checkpoints" / "step_000004.ckpt"
     later = (copy / "checkpoints" / "last.ckpt").stat().st_mtime_ns + 10**9
     os.utime(older, ns=(later, later))
-    legs.append(train(copy, "trainer.max_steps=15", "resume=true", flips))
+    legs.append(train(copy, "trainer.max_steps=15", "resume=true", *flips))
     assert f"Restoring states from the checkpoint path at {copy / 'checkpoints' / 'last.ckpt'}" in legs[-1].stdout + legs[-1].stderr
     for leg in legs:
         assert "not resumable" not in leg.stdout + leg.stderr
@@ -103,16 +107,35 @@ def test_newest_valid_checkpoint_goes_by_global_step(tmp_path: Path, caplog: pyt
     assert newest_valid_checkpoint(tmp_path) == tmp_path / "step_000008.ckpt"
 
 
-def train_loader(num_workers: int = 0, seed: int = 0) -> ResumableLoader:
-    """The digits training loader as Lightning gets it (arguments captured, so it can re-create it), seeded by `seed`."""
+def train_loader(num_workers: int = 0, seed: int = 0, hflip: bool = False) -> ResumableLoader:
+    """The digits training loader as Lightning gets it (arguments captured, so it can re-create it), seeded by `seed`
+    (the run's seed, which also resets the global random state, as a fresh process's seed_everything does)."""
     torch.manual_seed(seed)
-    datamodule = ImageDataModule(batch_size=128, num_workers=num_workers)
+    datamodule = ImageDataModule(batch_size=128, num_workers=num_workers, hflip=hflip)
     with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
         return datamodule.train_dataloader()
 
 
 def labels(batches: Any) -> list[torch.Tensor]:
     return [y for _, y in batches]
+
+
+def served(batches: Any, n: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The next `n` (all if None) batches (images, labels) of a loader or iterator, copied, each followed by a draw
+    from the global torch random state, as a training step draws its noise after each batch."""
+    out = []
+    for x, y in itertools.islice(batches, n):
+        out.append((x.clone(), y.clone()))
+        torch.randn(4)
+    return out
+
+
+def weights_only(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` through torch.save and torch.load(weights_only=True), as a checkpoint carries it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -129,10 +152,7 @@ def test_loader_resumes_where_it_stopped(num_workers: int) -> None:
     labels(stopped)
     batches = iter(stopped)
     first = [next(batches)[1] for _ in range(4)]
-    buffer = io.BytesIO()
-    torch.save(stopped.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+    state = weights_only(stopped.state_dict())
     assert (state["epoch"], state["batches"]) == (1, 4)
     assert_equal(first + labels(stopped), passes[1])  # a new iterator: the rest of the unfinished pass
 
@@ -141,6 +161,51 @@ def test_loader_resumes_where_it_stopped(num_workers: int) -> None:
     assert_equal(first + labels(resumed), passes[1])
     assert_equal(labels(resumed), passes[2])
     assert not torch.equal(labels(train_loader(num_workers, seed=1))[0], passes[0][0])
+
+
+def test_loader_resumes_the_flips_of_batches_read_by_workers() -> None:
+    """With hflip and 2 worker processes (persistent, as in training), a loader stopped right after the 4th batch of
+    its second pass (its state taken there, as Lightning takes it after a batch's step) and a fresh loader that loads
+    that state serve, bitwise in images (flips included) and labels, the batches the uninterrupted loader serves: the
+    rest of that pass, then the whole third. The flips are drawn in the main process from the global random state
+    the state restores, so neither the workers' seeds nor which worker reads which batch matters."""
+    loader = train_loader(num_workers=2, hflip=True)
+    passes = [served(loader) for _ in range(3)]
+
+    stopped = train_loader(num_workers=2, hflip=True)
+    served(stopped)
+    first = served(iter(stopped), 4)
+    state = weights_only(stopped.state_dict())
+    assert (state["epoch"], state["batches"]) == (1, 4)
+
+    resumed = train_loader(num_workers=2, hflip=True)
+    resumed.load_state_dict(state)
+    torch.rand(5)  # what runs between the load and the first batch
+    assert_equal(first + served(resumed), passes[1])
+    assert_equal(served(resumed), passes[2])
+
+
+def test_flips_happen_on_the_training_split_only() -> None:
+    """With hflip, each training image is served either as it is or mirrored along its width, about half of them
+    mirrored (the same order as without hflip: flips draw nothing the order depends on); the validation loader and
+    the reference images (dataset_images) are the images as they are, and the datasets hold no flip setting."""
+    flipping, plain = train_loader(hflip=True), train_loader(hflip=False)
+    assert (flipping.hflip, plain.hflip) == (True, False)
+    mirrored = total = 0
+    for (x, y), (x0, y0) in zip(served(flipping), served(plain)):
+        assert torch.equal(y, y0)
+        same = (x == x0).flatten(1).all(1)
+        flipped = (x == x0.flip(-1)).flatten(1).all(1)
+        assert (same | flipped).all()
+        mirrored, total = mirrored + int((flipped & ~same).sum()), total + len(x)
+    assert 0.4 < mirrored / total < 0.6, (mirrored, total)
+
+    datamodule = ImageDataModule(batch_size=128, hflip=True)
+    val = datamodule.val_dataloader()
+    assert not isinstance(val, ResumableLoader) and not hasattr(datamodule.val_set, "hflip")
+    assert torch.equal(torch.cat([x for x, _ in val]), datamodule.val_set.images)
+    assert not hasattr(datamodule.train_set, "hflip")
+    assert torch.equal(dataset_images(datamodule.train_set), datamodule.train_set.images)
 
 
 def test_loader_restores_the_random_states_at_the_first_batch() -> None:
@@ -161,25 +226,31 @@ def test_loader_restores_the_random_states_at_the_first_batch() -> None:
 
 
 def test_loader_under_ddp_gives_each_rank_its_part_and_resumes() -> None:
-    """Re-created by Lightning around the DistributedSampler it injects (2 ranks), the loaders serve disjoint halves
-    of the data, and a rank resumed after 3 batches serves what it would have."""
-    loader = train_loader()
+    """Re-created by Lightning around the DistributedSampler it injects (2 ranks), the loaders keep their class and
+    their flips, serve disjoint halves of the data, and a rank resumed after 3 batches serves what it would have,
+    flips included. A loader built without Lightning's argument capture is re-created with its flips too."""
+    loader = train_loader(hflip=True)
     n = len(loader.dataset)
 
-    def rank(r: int) -> ResumableLoader:
-        return _update_dataloader(loader, DistributedSampler(loader.dataset, num_replicas=2, rank=r, shuffle=True, seed=0))
+    def rank(r: int, of: ResumableLoader = loader) -> ResumableLoader:
+        return _update_dataloader(of, DistributedSampler(of.dataset, num_replicas=2, rank=r, shuffle=True, seed=0))
 
     ranks = [rank(0), rank(1)]
     assert all(type(dl) is ResumableLoader and isinstance(dl.batch_sampler.sampler, DistributedSampler) for dl in ranks)
+    assert all(dl.hflip is True for dl in ranks)
     indices = [[i for batch in dl.batch_sampler for i in batch] for dl in ranks]
     assert not set(indices[0]) & set(indices[1]) and len(indices[0]) == len(indices[1]) == (n // 2) // 128 * 128
-    uninterrupted = labels(ranks[1])
+    torch.manual_seed(0)
+    uninterrupted = served(ranks[1])
+    torch.manual_seed(0)
     stopped = rank(1)
-    batches = iter(stopped)
-    [next(batches) for _ in range(3)]
+    served(iter(stopped), 3)
     resumed = rank(1)
     resumed.load_state_dict(stopped.state_dict())
-    assert_equal(labels(resumed), uninterrupted[3:])
+    assert_equal(served(resumed), uninterrupted[3:])
+
+    unwrapped = ImageDataModule(batch_size=128, hflip=True).train_dataloader()
+    assert rank(1, unwrapped).hflip is True
 
 
 class FakeTrainer(SimpleNamespace):

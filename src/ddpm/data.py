@@ -1,7 +1,9 @@
 """Data for diffusion training: image datasets and the LightningDataModule that serves x_0 batches.
 
 Images are float32 tensors of shape (C, H, W) scaled to [-1, 1] (Ho et al. 2020, sec. 3.3). Datasets
-live in a registry: adding one is a `@register_dataset("name")` builder plus conf/data/<name>.yaml.
+live in a registry: adding one is a `@register_dataset("name")` builder plus conf/data/<name>.yaml. Datasets
+serve images as they are: random horizontal flips (`hflip`) are drawn by the training loader (ResumableLoader), in
+the main process, so a resumed run repeats them.
 """
 from __future__ import annotations
 
@@ -57,10 +59,10 @@ class DataError(ConfigError):
 
 
 class TensorImages(Dataset):
-    """In-memory images (N, C, H, W) (float in [-1, 1] or uint8) with labels, optionally flipped at random."""
+    """In-memory images (N, C, H, W) (float in [-1, 1] or uint8) with labels."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, hflip: bool = False) -> None:
-        self.images, self.labels, self.hflip = images, labels, hflip
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -68,8 +70,6 @@ class TensorImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[i]
         x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
         return x, self.labels[i]
 
 
@@ -103,12 +103,11 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
 
 @dataclass
 class DataSpec:
-    """What a dataset builder receives: the DataModule's options."""
+    """What a dataset builder receives: the DataModule's options that shape the images (flips are the loader's)."""
 
     root: str | None
     resolution: int
     channels: int
-    hflip: bool
     val_fraction: float
     split_seed: int
 
@@ -117,7 +116,8 @@ Builder = Callable[[DataSpec], tuple[Dataset, Dataset, int | None]]
 DATASETS: dict[str, Builder] = {}
 
 
-register_dataset = registrar(DATASETS)  # `@register_dataset(name)` adds `build(spec) -> (train, val, num_classes)`.
+# `@register_dataset(name)` adds `build(spec) -> (train, val, num_classes)`; both splits unflipped (the loader flips)
+register_dataset = registrar(DATASETS)
 
 
 @register_dataset("digits")
@@ -127,7 +127,7 @@ def build_digits(spec: DataSpec) -> tuple[Dataset, Dataset, int | None]:
     for split in ("train", "val"):
         images, labels = digits_split(split, val_fraction=spec.val_fraction, seed=spec.split_seed)
         images = _set_channels(_resize(images, spec.resolution), spec.channels)
-        splits.append(TensorImages(images, labels, hflip=spec.hflip and split == "train"))
+        splits.append(TensorImages(images, labels))
     return splits[0], splits[1], 10
 
 
@@ -199,21 +199,21 @@ def build_cifar10(spec: DataSpec) -> tuple[Dataset, Dataset, int | None]:
     """CIFAR-10 from the python pickle batches: train = data_batch_1..5 (50k), val = test_batch (10k); kept as uint8."""
     folder = _cifar10_dir(spec.root)
     splits = []
-    for names, train in ((CIFAR10_FILES[:5], True), (CIFAR10_FILES[5:], False)):
+    for names in (CIFAR10_FILES[:5], CIFAR10_FILES[5:]):
         parts = [_read_cifar10_batch(folder / name) for name in names]
         images = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
         images = _set_channels(_resize(images, spec.resolution), spec.channels)
-        splits.append(TensorImages(images, labels, hflip=spec.hflip and train))
+        splits.append(TensorImages(images, labels))
     return splits[0], splits[1], 10
 
 
 class ImageFolder(Dataset):
     """Image files read with Pillow, converted to `channels` (alpha composited on white), resized and center-cropped."""
 
-    def __init__(self, files: list[Path], labels: list[int], resolution: int, channels: int, hflip: bool) -> None:
+    def __init__(self, files: list[Path], labels: list[int], resolution: int, channels: int) -> None:
         self.files, self.labels = files, labels
-        self.resolution, self.channels, self.hflip = resolution, channels, hflip
+        self.resolution, self.channels = resolution, channels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -223,8 +223,6 @@ class ImageFolder(Dataset):
             array = load_image(im, self.resolution, self.channels)
         x = torch.from_numpy(array).float() / 127.5 - 1.0
         x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
         return x, torch.tensor(self.labels[i])
 
 
@@ -330,10 +328,10 @@ def build_folder(spec: DataSpec) -> tuple[Dataset, Dataset, int | None]:
     files, labels, classes = scan_image_folder(spec.root, spec.resolution)
     train, val = _split(len(files), spec.val_fraction, spec.split_seed)
 
-    def subset(index: np.ndarray, hflip: bool) -> ImageFolder:
-        return ImageFolder([files[i] for i in index], [labels[i] for i in index], spec.resolution, spec.channels, hflip)
+    def subset(index: np.ndarray) -> ImageFolder:
+        return ImageFolder([files[i] for i in index], [labels[i] for i in index], spec.resolution, spec.channels)
 
-    return subset(train, spec.hflip), subset(val, False), (len(classes) or None)
+    return subset(train), subset(val), (len(classes) or None)
 
 
 # ---- a training order that a checkpoint can resume ------------------------------------------------
@@ -409,16 +407,27 @@ class ResumableLoader(DataLoader):
     uninterrupted run's. With limit_train_batches < 1 an epoch ends inside a pass, and the next goes on with it.)
 
     The state is the pass, the batches served of it, and the global random states at the save (rng_states), which
-    the first batch after a resume restores: draws in this process (dropout, flips with num_workers=0) then repeat an
-    uninterrupted run's, as nothing between a save and the next batch draws from those states (validation's loader
-    has its own generator, the sample grids their own seeds). Worker processes take their seeds from `generator`,
-    re-seeded by (seed, pass) when a pass (or its resumed rest) starts, never from the global random state; their own
-    random states are not saved, so flips drawn in workers differ after a resume mid-pass.
+    the first batch after a resume restores: draws in this process then repeat an uninterrupted run's, as nothing
+    between a save and the next batch draws from those states (validation's loader has its own generator, the sample
+    grids their own seeds). So every random draw that a resume must repeat is made in this process, never in a
+    worker: with `hflip`, the loader flips each collated batch here, one coin per image from the global torch random
+    state as the batch is handed out, whatever `num_workers` (the datasets serve images unflipped). Worker processes
+    take their seeds from `generator`, re-seeded by (seed, pass) when a pass (or its resumed rest) starts, never from
+    the global random state; their random states are not saved, so a dataset that drew in __getitem__ would not
+    repeat its draws after a resume mid-pass with num_workers > 0.
+
+    `hflip` is an __init__ argument and an attribute of the same name, so Lightning, which re-creates the loader from
+    its arguments (around the DistributedSampler it injects under DDP), keeps it.
     """
 
     _epoch = 0  # the pass being served
     _served = 0  # batches of it handed out (skipped ones included)
     _rng: dict | None = None  # random states to restore at the next batch (after load_state_dict)
+
+    def __init__(self, dataset: Dataset, *, hflip: bool = False, **kwargs: object) -> None:
+        """`hflip`: flip each image of a batch horizontally with probability 1/2; the rest is DataLoader's."""
+        self.hflip = hflip
+        super().__init__(dataset, **kwargs)
 
     def __iter__(self):
         if self._served >= len(self):
@@ -441,7 +450,16 @@ class ResumableLoader(DataLoader):
             set_rng_states(rng)
         for batch in batches:
             self._served += 1
-            yield batch
+            yield self._flipped(batch) if self.hflip else batch
+
+    @staticmethod
+    def _flipped(batch):
+        """The (images (B, C, H, W), labels) batch with each image flipped along its width on a coin of its own, in
+        place: the collated batch is the loader's own (and stays pinned where pin_memory pinned it)."""
+        images = batch[0]
+        coins = torch.rand(len(images)) < 0.5
+        images[coins] = images[coins].flip(-1)
+        return batch
 
     def state_dict(self) -> dict[str, object]:
         return {"epoch": self._epoch, "batches": self._served, "rng": rng_states()}
@@ -488,7 +506,8 @@ class ImageDataModule(LightningDataModule):
         check_data(dict(resolution=resolution, channels=channels, batch_size=batch_size, num_workers=num_workers,
                         val_fraction=val_fraction, split_seed=split_seed))  # fmt: skip
         self.save_hyperparameters()
-        self.spec = DataSpec(root, resolution, channels, hflip, val_fraction, split_seed)
+        self.spec = DataSpec(root, resolution, channels, val_fraction, split_seed)
+        self.hflip = hflip  # the training loader's (ResumableLoader), never validation's
         self.dataset, self.batch_size, self.num_workers, self.pin_memory = dataset, batch_size, num_workers, pin_memory
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -508,7 +527,7 @@ class ImageDataModule(LightningDataModule):
         # the order is a function of the run's seed (seed_everything) and the epoch; a checkpoint holds the position
         order = EpochShuffle(len(dataset), seed=torch.initial_seed())
         batches = SkippingBatchSampler(order, self.batch_size, drop_last=len(dataset) >= self.batch_size)
-        return ResumableLoader(dataset, batch_sampler=batches, generator=torch.Generator(), **common)
+        return ResumableLoader(dataset, hflip=self.hflip, batch_sampler=batches, generator=torch.Generator(), **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -31,18 +31,12 @@ def validate_metrics(names: Iterable[str] | None, key: str = "metrics") -> tuple
 
 
 def dataset_images(dataset: Dataset) -> Tensor:
-    """All images of a dataset as one float32 tensor (N, C, H, W) in [-1, 1], without random flips."""
-    flip = getattr(dataset, "hflip", None)
-    if flip:
-        dataset.hflip = False  # the reference statistics must not depend on a coin
-    try:
-        images = getattr(dataset, "images", None)
-        if isinstance(images, Tensor):  # TensorImages: no per-item loop
-            return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
-        return torch.stack([dataset[i][0] for i in range(len(dataset))]).float()
-    finally:
-        if flip:
-            dataset.hflip = flip
+    """All images of a dataset as one float32 tensor (N, C, H, W) in [-1, 1], without random flips (the datasets
+    serve images unflipped; flips are the training loader's, ddpm.data.ResumableLoader)."""
+    images = getattr(dataset, "images", None)
+    if isinstance(images, Tensor):  # TensorImages: no per-item loop
+        return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]).float()
 
 
 def dataset_labels(dataset: Dataset) -> Tensor:
