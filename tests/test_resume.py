@@ -80,6 +80,18 @@ def test_resumed_legs_equal_an_uninterrupted_run(tmp_path: Path) -> None:
     assert_equal(training_state(reference / "checkpoints" / "last.ckpt"), training_state(copy / "checkpoints" / "last.ckpt"))
 
 
+def test_ddp_resumed_legs_equal_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Plain DDP on 2 CPU processes (rank 1 is train.py started again by Lightning, and takes rank 0's resume choice):
+    4 steps, then a resume to 8, equal 8 uninterrupted steps bitwise, each rank having read its own half of each pass."""
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    ddp = ("hardware=ddp", "hardware.accelerator=cpu", "hardware.devices=2", "data.batch_size=32")
+    train(reference, *ddp)
+    train(run, "trainer.max_steps=4", *ddp)
+    resumed = train(run, "resume=true", *ddp)
+    assert "not resumable" not in resumed.stdout + resumed.stderr
+    assert_equal(training_state(reference / "checkpoints" / "last.ckpt"), training_state(run / "checkpoints" / "last.ckpt"))
+
+
 def test_newest_valid_checkpoint_goes_by_global_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The highest global step wins whatever the modification times (equal, or reversed as after a copy); a tie goes
     to last.ckpt; each unreadable file is skipped with a warning naming it."""
