@@ -1,5 +1,6 @@
-"""Name -> function registries: schedules, samplers, datasets and feature extractors are each one dict that a
-config names into, filled by a decorator built here."""
+"""Name -> function registries: schedules, datasets and feature extractors are each one dict that a config names
+into, filled by a decorator built here. (Samplers keep several facts per name, so ddpm.samplers.register_sampler
+fills its own tables.)"""
 from __future__ import annotations
 
 from typing import Callable, TypeVar
