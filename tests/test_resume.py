@@ -14,7 +14,7 @@ import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
@@ -28,7 +28,8 @@ from ddpm.checkpoints import newest_valid_checkpoint
 from ddpm.data import ImageDataModule, ResumableLoader
 from ddpm.errors import ConfigError
 from ddpm.evaluation import dataset_images
-from ddpm.module import LR_HORIZON, DiffusionModule
+from ddpm.module import LR_HORIZON, DiffusionModule, lr_factor
+from ddpm.schema import LrDecay
 
 TINY_UNET = dict(image_size=8, in_channels=1, base_channels=8, channel_mult=[1], num_res_blocks=1, attention_resolutions=[], norm_groups=4)
 
@@ -277,30 +278,33 @@ def lr_factors(module: DiffusionModule, steps: range) -> list[float]:
     return [scheduler.lr_lambdas[0](step) for step in steps]
 
 
-def test_resume_keeps_the_first_learning_rate_curve(capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("decay", [d for d in get_args(LrDecay) if d != "none"])
+def test_resume_keeps_the_first_learning_rate_curve(decay: str, capsys: pytest.CaptureFixture) -> None:
     """lr_decay ends at the run's first trainer.max_steps, which checkpoints keep: a resume that stops earlier follows
     the first curve and says so in one line; one that would train past the curve's end (lr 0) is refused."""
-    first = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=0, lr_decay="linear")
-    first._trainer = FakeTrainer(max_steps=4)
-    assert lr_factors(first, range(5)) == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+    def module(max_steps: int, lr_decay: str = decay) -> DiffusionModule:
+        m = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=1, lr_decay=lr_decay)
+        m._trainer = FakeTrainer(max_steps=max_steps)
+        return m
+
+    first = module(4)
+    curve = lr_factors(first, range(5))
+    assert curve == [lr_factor(step, warmup=1, decay=decay, total=4) for step in range(5)] and curve[-1] == 0.0
     checkpoint: dict[str, Any] = {}
     first.on_save_checkpoint(checkpoint)
     assert checkpoint[LR_HORIZON] == 4
 
-    resumed = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=0, lr_decay="linear")
-    resumed._trainer = FakeTrainer(max_steps=3)
+    resumed = module(3)
     resumed.on_load_checkpoint(checkpoint)
-    assert lr_factors(resumed, range(5)) == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_factors(resumed, range(5)) == curve  # not the curve of a 3-step run
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["note: trainer.max_steps=3 stops before the end of this run's lr_decay=linear curve, which keeps its end at step 4"]
+    assert lines == [f"note: trainer.max_steps=3 stops before the end of this run's lr_decay={decay} curve, which keeps its end at step 4"]
 
     for longer in (8, -1):
-        extended = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=0, lr_decay="linear")
-        extended._trainer = FakeTrainer(max_steps=longer)
-        with pytest.raises(ConfigError, match=rf"^trainer.max_steps={longer} goes past the end of this run's lr_decay=linear curve, which reaches lr 0 at step 4"):
-            extended.on_load_checkpoint(checkpoint)
+        with pytest.raises(ConfigError, match=rf"^trainer.max_steps={longer} goes past the end of this run's lr_decay={decay} curve, which reaches lr 0 at step 4"):
+            module(longer).on_load_checkpoint(checkpoint)
 
-    constant = DiffusionModule(unet=TINY_UNET, timesteps=10, sample_steps=5, warmup_steps=0, lr_decay="none")
-    constant._trainer = FakeTrainer(max_steps=8)
+    constant = module(8, lr_decay="none")
     constant.on_load_checkpoint(checkpoint)  # lr_decay=none: a longer leg is just more steps
     assert lr_factors(constant, range(6)) == [1.0] * 6 and capsys.readouterr().err == ""
